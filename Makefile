@@ -1,0 +1,35 @@
+# rewardlab: `make train` and `make test` set themselves up (a .venv in this folder) when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: help install train test test-fast lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: here 2.13.0 is a local CPU wheel; a bare `torch` would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install rewardlab with its dev tools
+
+train: $(STAMP)  ## train on the embedded default (extra Hydra overrides: make train ARGS="trainer.max_epochs=2")
+	$(PY) -m rewardlab.train $(ARGS)
+
+test: $(STAMP)  ## run the whole test suite, slow tests included
+	$(PY) -m pytest
+
+test-fast: $(STAMP)  ## run the test suite without the slow tests
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP)  ## ruff
+	$(PY) -m ruff check rewardlab tests
+
+clean:  ## remove run folders and caches (not the venv)
+	rm -rf outputs .cache .pytest_cache

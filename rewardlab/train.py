@@ -1,0 +1,108 @@
+"""Train a reward model: `python -m rewardlab.train [group=option ...] [key=value ...]`.
+
+Builds everything from `conf/train.yaml` with `hydra.utils.instantiate`, fits, tests when a test
+split exists, and writes `results.json` into the run folder. Console script: `rewardlab-train`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from rewardlab.callbacks import Throughput
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    return {
+        "params/total": sum(p.numel() for p in model.parameters()),
+        "params/trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def finish_loggers(loggers: list[Logger], exit_code: int) -> None:
+    """Close every wandb run with the job's exit status, so runs of a multirun never merge and a
+    failed run does not show as finished."""
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and lg._experiment is not None:
+            lg.experiment.finish(exit_code=exit_code)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit (and test) as configured; return the results written to `results.json`."""
+    started = time.time()
+    L.seed_everything(cfg.seed, workers=True)
+    backbone = instantiate(cfg.backbone)
+    datamodule = instantiate(cfg.data, tokenizer=backbone.tokenizer)
+    model = instantiate(
+        cfg.model,
+        backbone=backbone.model,
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler),
+        freeze=instantiate(cfg.freeze),
+    )
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    params = count_parameters(model)
+    log.info("parameters: %d total, %d trainable", params["params/total"], params["params/trainable"])
+    try:
+        for lg in trainer.loggers:
+            lg.log_hyperparams({**model.run_config, **params})
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        results: dict[str, Any] = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if cfg.test and datamodule.has_test():
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+            results |= {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+            results["test/checkpoint"] = best or "final weights"
+        for callback in callbacks:
+            if isinstance(callback, Throughput):
+                results |= callback.results()
+        results |= params | {
+            "global_step": trainer.global_step,
+            "peak_rss_mb": peak_rss_mb(),
+            "wall_s": time.time() - started,
+        }
+        if trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics(
+                    {k: v for k, v in results.items() if isinstance(v, (int, float))}, step=trainer.global_step
+                )
+            path = Path(cfg.paths.output_dir) / "results.json"
+            path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+            log.info("results: %s", path)
+    except BaseException:
+        finish_loggers(trainer.loggers, exit_code=1)
+        raise
+    finish_loggers(trainer.loggers, exit_code=0)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    results = train(cfg)
+    metric = cfg.get("optimized_metric")
+    return results.get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Shared fixtures: offline environment, config composition, tiny runs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # hub names must fail fast, never hang on the network
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+import rewardlab  # noqa: E402,F401  (registers the rl_root resolver)
+from rewardlab.backbones import tiny  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false",
+    "~callbacks.progress_bar",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tokenized-data cache for the whole session, outside the repository."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, cache_dir: Path):
+    """Compose conf/train.yaml with overrides, writing into a fresh run folder."""
+
+    def _make(*overrides: str, fast: bool = True) -> DictConfig:
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("train", overrides=[*(FAST if fast else []), "logger=none", *overrides])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.paths.cache_dir = str(cache_dir)
+        return cfg
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return tiny("llama", 32, 1, 2, 64, 128, 0.0).tokenizer
