@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 SCHEMAS = ("explicit", "conversational", "implicit")
 FORMATS = ("sep", "chat", "plain")
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 CHUNK_ROWS = 1024
 
 
@@ -432,24 +432,24 @@ def resolve_format(style: str, schema: str, tokenizer: PreTrainedTokenizerBase, 
 
 def truncate(
     chosen: list[int], rejected: list[int], n_prompt: int, n_protected: int, max_length: int
-) -> tuple[list[int], list[int], str]:
+) -> tuple[list[int], list[int], str, int]:
     """Fit both sides into `max_length`: cut the shared prompt from the left first (by the same
     amount on both sides, keeping the leading BOS/CLS), then the start of a response that is still
-    too long, so every response keeps its end and EOS. Returns the kind of cut: '', 'prompt' or
-    'response'."""
+    too long, so every response keeps its end and EOS. Returns both sides, the kind of cut ('',
+    'prompt' or 'response') and how many prompt tokens are left."""
     over = max(len(chosen), len(rejected)) - max_length
     if over <= 0:
-        return chosen, rejected, ""
+        return chosen, rejected, "", n_prompt
     cut = min(over, max(n_prompt - n_protected, 0))
     head = slice(0, n_protected)
     sides = [s[head] + s[n_protected + cut :] for s in (chosen, rejected)]
     kind = "prompt"
+    kept = max(n_prompt - cut, n_protected)
     for i, s in enumerate(sides):
         if len(s) > max_length:
-            keep_prompt = max(n_prompt - cut, n_protected)
-            sides[i] = s[:keep_prompt] + s[keep_prompt + len(s) - max_length :]
+            sides[i] = s[:kept] + s[kept + len(s) - max_length :]
             kind = "response"
-    return sides[0], sides[1], kind
+    return sides[0], sides[1], kind, kept
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +516,7 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     counts: Counter[str] = Counter()
-    lengths, rows_used, subsets = array("i"), array("q"), array("i")
+    lengths, prompt_lengths, rows_used, subsets = array("i"), array("i"), array("q"), array("i")
     margins = array("f")
     subset_codes: dict[str, int] = {}
     schema = formatter = None
@@ -589,7 +589,7 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
                             "dropped",
                         )
                         continue
-                    c, r, cut = truncate(c, r, n_prompt, formatter.n_protected, s.max_length)
+                    c, r, cut, n_prompt = truncate(c, r, n_prompt, formatter.n_protected, s.max_length)
                     if c == r:
                         reject(
                             BadRow(
@@ -607,10 +607,12 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
                     counts["used"] += 1
                     ids_file.write(np.asarray(c + r, dtype=np.int32).tobytes())
                     lengths.extend((len(c), len(r)))
+                    prompt_lengths.append(min(n_prompt, len(c), len(r)))
                     margins.append(p.margin)
                     rows_used.append(index)
                     subsets.append(subset_codes.setdefault(p.subset, len(subset_codes)))
         np.save(tmp / "lengths.npy", np.frombuffer(lengths, dtype=np.int32))
+        np.save(tmp / "prompt_lengths.npy", np.frombuffer(prompt_lengths, dtype=np.int32))
         np.save(tmp / "margin.npy", np.frombuffer(margins, dtype=np.float32))
         np.save(tmp / "row.npy", np.frombuffer(rows_used, dtype=np.int64))
         np.save(tmp / "subset.npy", np.frombuffer(subsets, dtype=np.int32))
@@ -661,6 +663,8 @@ class PairDataset(Dataset):
         self.folder = folder
         self.meta = json.loads((folder / "meta.json").read_text())
         seq_lengths = np.load(folder / "lengths.npy")
+        self.seq_lengths = seq_lengths.reshape(-1, 2)  # (pairs, 2): chosen, rejected
+        self.prompt_lengths = np.load(folder / "prompt_lengths.npy")
         self.offsets = np.concatenate([[0], np.cumsum(seq_lengths, dtype=np.int64)])
         size = int(self.offsets[-1])
         self.ids = np.memmap(folder / "ids.bin", dtype=np.int32, mode="r") if size else np.zeros(0, np.int32)
@@ -668,7 +672,7 @@ class PairDataset(Dataset):
         self.row = np.load(folder / "row.npy")
         self.subset = np.load(folder / "subset.npy")
         self.index = np.arange(len(self.margin)) if index is None else index
-        self.lengths = seq_lengths.reshape(-1, 2).max(axis=1)[self.index]
+        self.lengths = self.seq_lengths.max(axis=1)[self.index]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -684,6 +688,22 @@ class PairDataset(Dataset):
         }
 
 
+def pad_sequences(
+    seqs: list[Any], pad_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id sequences as one `(N, L)` batch padded to the longest, and its attention mask."""
+    width = max(len(s) for s in seqs)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for k, s in enumerate(seqs):
+        span = slice(0, len(s)) if padding_side == "right" else slice(width - len(s), width)
+        input_ids[k, span] = torch.from_numpy(np.asarray(s, dtype=np.int64))
+        attention_mask[k, span] = 1
+    return input_ids, attention_mask
+
+
 @dataclass
 class PairCollator:
     """Stacks chosen then rejected into one `(2B, L)` batch, padded to the longest sequence in it."""
@@ -694,15 +714,7 @@ class PairCollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         seqs = [it["chosen"] for it in items] + [it["rejected"] for it in items]
-        width = max(len(s) for s in seqs)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for k, s in enumerate(seqs):
-            span = slice(0, len(s)) if self.padding_side == "right" else slice(width - len(s), width)
-            input_ids[k, span] = torch.from_numpy(np.asarray(s, dtype=np.int64))
-            attention_mask[k, span] = 1
+        input_ids, attention_mask = pad_sequences(seqs, self.pad_id, self.padding_side, self.pad_to_multiple_of)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -840,16 +852,16 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Tokenize every split not yet cached; every split is checked before training starts."""
-        if not self.files["train"]:
-            raise DataError("data.train_file is not set")
-        if not self.files["val"] and not self.val_fraction:
-            raise DataError("no validation data: set data.val_file, or data.val_fraction to hold out part of train")
         for split, spec in self.files.items():
             if spec and not (path := self.cache_path(split)).exists():
                 log.info("tokenizing %s split from %s (cached in %s)", split, spec, path)
                 build_cache(spec, split, self.tokenizer, self.settings, path)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit" and not self.files["train"]:
+            raise DataError("data.train_file is not set")
+        if stage == "fit" and not self.files["val"] and not self.val_fraction:
+            raise DataError("no validation data: set data.val_file, or data.val_fraction to hold out part of train")
         if self.datasets:
             return
         for split, spec in self.files.items():

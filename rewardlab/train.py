@@ -19,9 +19,10 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rewardlab.callbacks import Throughput
-from rewardlab.data import DataError, PreferenceDataModule
+from rewardlab.data import DataError, PreferenceDataModule, ensure_pad_token
 from rewardlab.model import RewardModel
 
 log = logging.getLogger(__name__)
@@ -39,27 +40,50 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
 
 
 def finish_loggers(loggers: list[Logger], exit_code: int) -> None:
-    """Close every wandb run with the job's exit status, so runs of a multirun never merge and a
-    failed run does not show as finished."""
+    """Flush every logger and close every wandb run with the job's exit status, so runs of a
+    multirun never merge and a failed run does not show as finished."""
     for lg in loggers:
+        lg.finalize("success" if exit_code == 0 else "failed")
         if isinstance(lg, WandbLogger) and lg._experiment is not None:
             lg.experiment.finish(exit_code=exit_code)
 
 
-def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
-    """The data and the model, from `cfg.backbone`, `cfg.data`, `cfg.model` and its groups."""
-    backbone = instantiate(cfg.backbone)
-    datamodule = instantiate(cfg.data, tokenizer=backbone.tokenizer)
+def build_model(cfg: DictConfig, backbone: PreTrainedModel) -> RewardModel:
+    """The LightningModule from `cfg.model` and its groups (loss, optimizer, scheduler, freeze)."""
     model = instantiate(
         cfg.model,
-        backbone=backbone.model,
+        backbone=backbone,
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler),
         freeze=instantiate(cfg.freeze),
     )
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
-    return datamodule, model
+    return model
+
+
+def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
+    """The data and the model, from `cfg.backbone`, `cfg.data`, `cfg.model` and its groups."""
+    backbone = instantiate(cfg.backbone)
+    return instantiate(cfg.data, tokenizer=backbone.tokenizer), build_model(cfg, backbone.model)
+
+
+def load_run(ckpt_path: str) -> tuple[DictConfig, RewardModel, PreTrainedTokenizerBase]:
+    """A trained model from a checkpoint alone: rebuilt from the config it carries, then its weights
+    loaded (`weights_only`, so a checkpoint cannot run code). Returns (run config, model in eval
+    mode, tokenizer)."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path: no such checkpoint {ckpt_path!r}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "rewardlab_config" not in checkpoint:
+        raise ValueError(f"{ckpt_path}: not a rewardlab checkpoint (no 'rewardlab_config' in it)")
+    cfg = OmegaConf.create(checkpoint["rewardlab_config"])
+    backbone = instantiate(cfg.backbone)
+    model = build_model(cfg, backbone.model)
+    model.load_state_dict(checkpoint["state_dict"])
+    ensure_pad_token(backbone.tokenizer)
+    return cfg, model.eval(), backbone.tokenizer
 
 
 def fit_and_test(

@@ -41,17 +41,24 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def compose_config(name: str, overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:
+    """conf/<name>.yaml composed with overrides, writing into `output_dir`, caching into `cache_dir`."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(cache_dir)
+    return cfg
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path, cache_dir: Path):
     """Compose conf/train.yaml with overrides, writing into a fresh run folder."""
 
     def _make(*overrides: str, fast: bool = True) -> DictConfig:
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            cfg = compose("train", overrides=[*(FAST if fast else []), "logger=none", *overrides])
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "run")
-            cfg.paths.cache_dir = str(cache_dir)
-        return cfg
+        return compose_config(
+            "train", [*(FAST if fast else []), "logger=none", *overrides], tmp_path / "run", cache_dir
+        )
 
     return _make
 

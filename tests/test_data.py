@@ -271,7 +271,9 @@ def test_config_errors_name_the_key(tmp_path, tiny_tokenizer):
     with pytest.raises(DataError, match="data.truncation"):
         datamodule(tiny_tokenizer, tmp_path, truncation="cut").prepare_data()
     with pytest.raises(DataError, match="no validation data"):
-        datamodule(tiny_tokenizer, tmp_path, val_file=None).prepare_data()
+        ready(datamodule(tiny_tokenizer, tmp_path, val_file=None))
+    with pytest.raises(DataError, match="data.train_file is not set"):
+        ready(datamodule(tiny_tokenizer, tmp_path, train_file=None))
     with pytest.raises(DataError, match="data.format=chat needs|conversational data needs format=chat"):
         ready(datamodule(tiny_tokenizer, tmp_path, train_file=str(FIXTURES / "conversational.jsonl"), format="sep"))
 
@@ -327,15 +329,15 @@ def test_tokenizer_without_pad_token_gets_one_with_a_note(caplog):
 
 
 def test_short_pairs_are_untouched():
-    assert D.truncate([1, 5, 6, 2], [1, 5, 7, 2], 2, 1, 10) == ([1, 5, 6, 2], [1, 5, 7, 2], "")
+    assert D.truncate([1, 5, 6, 2], [1, 5, 7, 2], 2, 1, 10) == ([1, 5, 6, 2], [1, 5, 7, 2], "", 2)
 
 
 def test_long_prompt_is_cut_from_the_left_on_both_sides_keeping_bos():
     # [BOS] p1..p6 [SEP] | response [EOS]; prompt part = 8 tokens
     prompt = [1, 11, 12, 13, 14, 15, 16, 3]
     chosen, rejected = prompt + [20, 21, 2], prompt + [30, 2]
-    c, r, kind = D.truncate(chosen, rejected, n_prompt=8, n_protected=1, max_length=8)
-    assert kind == "prompt"
+    c, r, kind, kept = D.truncate(chosen, rejected, n_prompt=8, n_protected=1, max_length=8)
+    assert kind == "prompt" and kept == 5
     assert c == [1, 14, 15, 16, 3, 20, 21, 2]  # three prompt tokens cut, response intact
     assert r == [1, 14, 15, 16, 3, 30, 2]  # the same prompt cut on the other side
 
@@ -343,8 +345,8 @@ def test_long_prompt_is_cut_from_the_left_on_both_sides_keeping_bos():
 def test_long_response_keeps_its_end_and_eos():
     prompt = [1, 11, 3]
     chosen, rejected = prompt + list(range(40, 50)) + [2], prompt + [30, 2]
-    c, r, kind = D.truncate(chosen, rejected, n_prompt=3, n_protected=1, max_length=6)
-    assert kind == "response"
+    c, r, kind, kept = D.truncate(chosen, rejected, n_prompt=3, n_protected=1, max_length=6)
+    assert kind == "response" and kept == 1
     assert c == [1, 46, 47, 48, 49, 2]  # prompt gone first, then the response start; BOS and EOS stay
     assert r == [1, 30, 2]
 

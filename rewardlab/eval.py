@@ -1,0 +1,219 @@
+"""Evaluate a trained reward model: `python -m rewardlab.eval ckpt_path=... [data.test_file=...]`.
+
+Scores every pair of a split and writes `eval.json`, `rewards.jsonl` (one line per pair) and two
+plots into the run folder: accuracy (strict: a tie is wrong), ties, mean margin, loss, accuracy
+per `subset`, calibration of σ(r_w − r_l) (ECE and a reliability diagram), the reward
+distributions of chosen and rejected, and length bias (how often the longer response wins, and
+how reward correlates with response length). Rewards do not depend on batch size or padding side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from rewardlab.data import PairDataset, PreferenceDataModule
+from rewardlab.model import RewardModel
+from rewardlab.train import finish_loggers, load_run
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def score_pairs(model: RewardModel, loader: DataLoader, bf16: bool = False) -> dict[str, np.ndarray]:
+    """Rewards of chosen and rejected for every pair the loader yields, keyed by pair index."""
+    chosen, rejected, index = [], [], []
+    for batch in loader:
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            c, r = model.pair_rewards({k: v.to(model.device) for k, v in batch.items()})
+        chosen.append(c.float().cpu())
+        rejected.append(r.float().cpu())
+        index.append(batch["index"])
+    order = torch.cat(index).argsort()
+    return {
+        "chosen": torch.cat(chosen)[order].numpy().astype(np.float64),
+        "rejected": torch.cat(rejected)[order].numpy().astype(np.float64),
+        "index": torch.cat(index)[order].numpy(),
+    }
+
+
+def calibration(p_chosen: np.ndarray, bins: int) -> tuple[float, list[dict[str, float]]]:
+    """Expected calibration error of the Bradley–Terry probability σ(r_w − r_l).
+
+    Every pair's prediction is the side the model prefers, with confidence max(p, 1 − p); bins over
+    [0.5, 1] compare the mean confidence with the fraction of pairs predicted right (a tie is wrong).
+    """
+    confidence = np.maximum(p_chosen, 1 - p_chosen)
+    correct = p_chosen > 0.5
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            conf, acc = float(confidence[mask].mean()), float(correct[mask].mean())
+            ece += mask.mean() * abs(acc - conf)
+            table.append(
+                {
+                    "low": float(edges[b]),
+                    "high": float(edges[b + 1]),
+                    "pairs": int(mask.sum()),
+                    "confidence": conf,
+                    "accuracy": acc,
+                }
+            )
+    return float(ece), table
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 and x.std() > 0 and y.std() > 0 else math.nan
+
+
+def metrics(scores: dict[str, np.ndarray], dataset: PairDataset, bins: int) -> dict[str, Any]:
+    """Everything `eval.json` reports, from the rewards and the split's lengths and subsets."""
+    c, r, idx = scores["chosen"], scores["rejected"], scores["index"]
+    d = c - r
+    p = 1 / (1 + np.exp(-d))
+    ece, table = calibration(p, bins)
+    response = dataset.seq_lengths[idx] - dataset.prompt_lengths[idx, None]  # (pairs, 2) response tokens
+    longer = np.sign(response[:, 0] - response[:, 1])
+    subsets = np.asarray(dataset.meta["subsets"], dtype=object)[dataset.subset[idx]] if dataset.meta["subsets"] else []
+    per_subset = {name: float((d[subsets == name] > 0).mean()) for name in sorted(set(subsets)) if name}
+    return {
+        "pairs": int(len(d)),
+        "accuracy": float((d > 0).mean()),
+        "ties": int((d == 0).sum()),
+        "mean_margin": float(d.mean()),
+        "loss": float(np.logaddexp(0, -d).mean()),
+        "reward_chosen_mean": float(c.mean()),
+        "reward_rejected_mean": float(r.mean()),
+        "reward_mean": float(np.concatenate([c, r]).mean()),
+        "reward_std": float(np.concatenate([c, r]).std()),
+        "ece": ece,
+        "calibration": table,
+        "accuracy_per_subset": per_subset,
+        "longer_wins_accuracy": float(((longer > 0) + 0.5 * (longer == 0)).mean()),
+        "length_ties": int((longer == 0).sum()),
+        "length_reward_correlation": pearson(response.ravel().astype(float), np.stack([c, r], 1).ravel()),
+        "length_margin_correlation": pearson((response[:, 0] - response[:, 1]).astype(float), d),
+    }
+
+
+def plot(result: dict[str, Any], scores: dict[str, np.ndarray], out: Path) -> list[Path]:
+    """reliability.png (confidence against accuracy per bin) and rewards.png (histograms)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    table = result["calibration"]
+    ax.plot([0.5, 1], [0.5, 1], "--", color="gray", label="perfectly calibrated")
+    ax.plot([t["confidence"] for t in table], [t["accuracy"] for t in table], "o-", label="model")
+    for t in table:
+        ax.annotate(
+            str(t["pairs"]), (t["confidence"], t["accuracy"]), fontsize=7, xytext=(3, -9), textcoords="offset points"
+        )
+    ax.set(
+        xlabel="confidence max(σ(r_w − r_l), 1 − σ(r_w − r_l))",
+        ylabel="accuracy",
+        title=f"reliability (ECE {result['ece']:.3f})",
+        xlim=(0.48, 1.02),
+        ylim=(0, 1.02),
+    )
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lo = min(scores["chosen"].min(), scores["rejected"].min())
+    hi = max(scores["chosen"].max(), scores["rejected"].max())
+    edges = np.linspace(lo, hi if hi > lo else lo + 1, 41)
+    ax.hist(scores["chosen"], bins=edges, alpha=0.6, label="chosen")
+    ax.hist(scores["rejected"], bins=edges, alpha=0.6, label="rejected")
+    ax.set(xlabel="reward", ylabel="responses", title=f"reward distributions (accuracy {result['accuracy']:.3f})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "rewards.png", dpi=120)
+    plt.close(fig)
+    return [out / "reliability.png", out / "rewards.png"]
+
+
+def data_config(cfg: DictConfig, run_cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """`data_from: checkpoint`: the trained run's data settings, with the `data.*` overrides given
+    on the command line on top (so tokenization matches training unless you change it);
+    `data_from: config`: conf/data as composed for this command."""
+    if cfg.data_from == "config":
+        data = cfg.data
+    elif cfg.data_from == "checkpoint":
+        data = OmegaConf.merge(run_cfg.data, OmegaConf.from_dotlist([o[len("data.") :] for o in overrides]))
+    else:
+        raise ValueError(f"data_from: unknown {cfg.data_from!r}; expected checkpoint or config")
+    only = {f"{split}_file": None for split in ("train", "val", "test") if split != cfg.split}
+    return OmegaConf.merge(data, only, {"report_dir": cfg.paths.output_dir, "cache_dir": cfg.data.cache_dir})
+
+
+def evaluate(cfg: DictConfig, data_overrides: list[str]) -> dict[str, Any]:
+    """Score `cfg.split` with the checkpoint's model; write eval.json, rewards.jsonl and plots."""
+    run_cfg, model, tokenizer = load_run(cfg.ckpt_path)
+    datamodule: PreferenceDataModule = instantiate(data_config(cfg, run_cfg, data_overrides), tokenizer=tokenizer)
+    split_file = datamodule.files.get(cfg.split)
+    if cfg.split not in ("val", "test") or not split_file:
+        raise ValueError(f"split={cfg.split!r}: expected val or test, with data.{cfg.split}_file set")
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    dataset = datamodule.datasets[cfg.split]
+    scores = score_pairs(model, getattr(datamodule, f"{cfg.split}_dataloader")(), bf16=cfg.bf16)
+    result = {
+        "checkpoint": str(cfg.ckpt_path),
+        "split": cfg.split,
+        "data": split_file,
+        **metrics(scores, dataset, cfg.calibration_bins),
+    }
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(out / "rewards.jsonl", "w") as f:
+        subsets = dataset.meta["subsets"]
+        for c, r, i in zip(scores["chosen"], scores["rejected"], scores["index"]):
+            subset = subsets[dataset.subset[i]] if subsets else ""
+            f.write(json.dumps({"row": int(dataset.row[i]), "subset": subset, "chosen": c, "rejected": r}) + "\n")
+    images = plot(result, scores, out)
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    for lg in loggers:
+        lg.log_metrics({f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        if isinstance(lg, WandbLogger):
+            lg.log_image("eval/plots", [str(p) for p in images])
+    finish_loggers(loggers, exit_code=0)
+    log.info(
+        "eval: accuracy %.4f on %d pairs (%s), ECE %.4f, longer-wins %.4f -> %s",
+        result["accuracy"],
+        result["pairs"],
+        split_file,
+        result["ece"],
+        result["longer_wins_accuracy"],
+        out / "eval.json",
+    )
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg, [o for o in HydraConfig.get().overrides.task if o.startswith("data.")])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Export a trained reward model as a Hugging Face folder:
+`python -m rewardlab.export ckpt_path=... output_dir=DIR`.
+
+`AutoModelForSequenceClassification.from_pretrained(DIR)` loads it with `num_labels=1`, the trained
+head under the family's own name (`score` for Llama, GPT-2, ...), the tokenizer with its chat
+template and a pad token that never occurs in real text (transformers finds the last token as the
+last one that is not `pad_token_id`; TRL builds the attention mask from it), and reward
+normalisation statistics in the config. LoRA adapters are merged first.
+
+The export checks itself: rewardlab and plain transformers score the same token ids, right- and
+left-padded, and must agree to `tolerance`. A family whose `*ForSequenceClassification` reads
+another position (BERT's [CLS] pooler, GPT-2's absolute positions under left padding) is written
+with a 40-line `modeling_rewardlab.py` instead, loaded with `trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+
+from rewardlab import __version__
+from rewardlab.data import PairDataset, PreferenceDataModule, pad_sequences
+from rewardlab.eval import score_pairs
+from rewardlab.model import RewardModel
+from rewardlab.train import load_run
+
+log = logging.getLogger(__name__)
+
+PAD_TOKEN = "<|reward_pad|>"
+MODELING_FILE = "modeling_rewardlab.py"
+MODELING = '''"""A reward model written by rewardlab.export: the backbone's hidden state at the last
+non-padding token (found from the attention mask), through a linear head `score`. Used for
+families whose own *ForSequenceClassification reads another position. Its own model_type makes
+loading without trust_remote_code=True fail loudly instead of building an untrained model."""
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import {config_class} as _Config
+from transformers import {model_class} as _Model
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class RewardlabConfig(_Config):
+    model_type = "rewardlab_{family}"
+
+
+class RewardlabForSequenceClassification(PreTrainedModel):
+    config_class = RewardlabConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = _Model(config)
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None  # the reward reads the last token, not the [CLS] pooler
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:  # count real tokens only, so left padding gives the same reward
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            **kwargs).last_hidden_state
+        last = attention_mask.shape[-1] - 1 - attention_mask.flip(-1).int().argmax(-1)
+        logits = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        return SequenceClassifierOutput(logits=logits)
+'''
+
+
+def merged_backbone(model: RewardModel) -> PreTrainedModel:
+    """The backbone with LoRA adapters (if any) folded into its weights."""
+    backbone = model.backbone
+    return backbone.merge_and_unload() if hasattr(backbone, "merge_and_unload") else backbone
+
+
+def choose_pad(tokenizer: PreTrainedTokenizerBase, sequences: list[np.ndarray]) -> bool:
+    """Give the tokenizer a pad token that never occurs in formatted text; True if one was added.
+
+    Its pad can stay when it is a token of its own (not EOS/BOS/SEP/CLS) and absent from the data;
+    otherwise (SmolLM2 pads with its EOS `<|im_end|>`) a new special token is added.
+    """
+    pad = tokenizer.pad_token_id
+    structural = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.sep_token_id, tokenizer.cls_token_id}
+    if pad is not None and pad not in structural and not any((s == pad).any() for s in sequences):
+        return False
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return True
+
+
+def native_model(backbone: PreTrainedModel, head: nn.Linear) -> PreTrainedModel | None:
+    """The family's own *ForSequenceClassification with the trained weights, or None if it has none."""
+    config = backbone.config.__class__.from_dict(backbone.config.to_dict())
+    config.num_labels = 1
+    try:
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    except ValueError:
+        return None
+    missing, unexpected = model.base_model.load_state_dict(backbone.state_dict(), strict=False)
+    heads = [
+        m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.out_features == 1 and not n.startswith(model.base_model_prefix)
+    ]
+    if unexpected or len(heads) != 1 or any("pooler" not in k for k in missing):
+        return None
+    with torch.no_grad():
+        heads[0].weight.copy_(head.weight)
+        if heads[0].bias is not None:
+            heads[0].bias.zero_()
+    return model
+
+
+def remote_code_model(backbone: PreTrainedModel, head: nn.Linear, source_dir: Path) -> PreTrainedModel:
+    """rewardlab's own last-token model; `save_pretrained` copies its modeling file from `source_dir`."""
+    (source_dir / MODELING_FILE).write_text(
+        MODELING.format(
+            config_class=type(backbone.config).__name__,
+            model_class=type(backbone).__name__,
+            family=backbone.config.model_type,
+        )
+    )
+    spec = importlib.util.spec_from_file_location("modeling_rewardlab", source_dir / MODELING_FILE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # transformers copies the class's source file from its module
+    spec.loader.exec_module(module)
+    module.RewardlabConfig.register_for_auto_class()
+    module.RewardlabForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+    config = module.RewardlabConfig.from_dict(backbone.config.to_dict())
+    config.num_labels = 1
+    model = module.RewardlabForSequenceClassification(config)
+    model.model.load_state_dict(backbone.state_dict(), strict=False)
+    with torch.no_grad():
+        model.score.weight.copy_(head.weight)
+    return model
+
+
+@torch.inference_mode()
+def parity(model: PreTrainedModel, reference: torch.Tensor, sequences: list[np.ndarray], pad_id: int) -> float:
+    """Largest |transformers − rewardlab| over the sequences, right- and left-padded."""
+    diffs = {}
+    for side in ("right", "left"):
+        input_ids, attention_mask = pad_sequences(sequences, pad_id, side)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        diffs[side] = float((logits - reference).abs().max())
+    log.info(
+        "%s: max |transformers - rewardlab| %.2e right-padded, %.2e left-padded",
+        type(model).__name__,
+        diffs["right"],
+        diffs["left"],
+    )
+    return max(diffs.values())
+
+
+def prepare(
+    hf: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    added_pad: bool,
+    reference: torch.Tensor,
+    sample: list[np.ndarray],
+) -> float:
+    """Give the model the tokenizer's pad id (and a row for an added pad token); its parity."""
+    if added_pad:
+        hf.resize_token_embeddings(len(tokenizer))
+    hf.config.pad_token_id = tokenizer.pad_token_id
+    return parity(hf.eval(), reference, sample, tokenizer.pad_token_id)
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """Write the Hugging Face folder and return what was written into its `config.rewardlab`."""
+    run_cfg, model, tokenizer = load_run(cfg.ckpt_path)
+    out = Path(cfg.output_dir)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise FileExistsError(f"output_dir={out} is not empty; set overwrite=true to replace it")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    split = cfg.normalize_split
+    data_cfg = OmegaConf.merge(
+        run_cfg.data, {f"{s}_file": None for s in ("train", "val", "test") if s != split}, {"report_dir": None}
+    )
+    datamodule: PreferenceDataModule = instantiate(data_cfg, tokenizer=tokenizer)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    dataset: PairDataset = datamodule.datasets[split]
+    scores = score_pairs(model, getattr(datamodule, f"{split}_dataloader")())
+    rewards = np.concatenate([scores["chosen"], scores["rejected"]])
+    sample = [dataset[i][side] for i in range(min(cfg.parity_pairs, len(dataset))) for side in ("chosen", "rejected")]
+    with torch.inference_mode():
+        reference = model(*pad_sequences(sample, tokenizer.pad_token_id))
+
+    backbone = merged_backbone(model)
+    added_pad = choose_pad(tokenizer, sample)
+    remote = cfg.remote_code == "always"
+    hf = None if remote else native_model(backbone, model.head)
+    if hf is not None:
+        diff = prepare(hf, tokenizer, added_pad, reference, sample)
+        if diff > cfg.tolerance:
+            log.info(
+                "%s scores differently (max |diff| %.2e); writing rewardlab's modeling file", type(hf).__name__, diff
+            )
+            hf = None
+    if hf is None:
+        if cfg.remote_code == "never":
+            raise ValueError(
+                f"{type(backbone).__name__}: its *ForSequenceClassification does not give rewardlab's "
+                "scores; export with remote_code=auto to write a modeling file instead"
+            )
+        hf, remote = remote_code_model(backbone, model.head, Path(tempfile.mkdtemp())), True
+        diff = prepare(hf, tokenizer, added_pad, reference, sample)
+        if diff > cfg.tolerance:
+            raise RuntimeError(f"export does not reproduce rewardlab's scores (max |diff| {diff:.2e})")
+
+    settings = datamodule.settings
+    info = {
+        "version": __version__,
+        "checkpoint": str(Path(cfg.ckpt_path).resolve()),
+        "format": dataset.meta["format"],
+        "chat_template": settings.chat_template,
+        "max_length": settings.max_length,
+        "truncation": settings.truncation,
+        "remote_code": remote,
+        "normalization": {"split": split, "source": dataset.meta["source"], "responses": int(len(rewards))},
+        "parity_max_abs_diff": diff,
+    }
+    hf.config.reward_mean = float(rewards.mean())
+    hf.config.reward_std = float(rewards.std())
+    hf.config.rewardlab = info
+    if settings.chat_template:
+        tokenizer.chat_template = settings.chat_template
+    tokenizer.padding_side = "right"
+    hf.to(getattr(torch, cfg.dtype)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    log.info(
+        "exported %s (%s, parity %.1e, reward mean %.3f std %.3f) to %s",
+        type(hf).__name__,
+        "remote code" if remote else "native",
+        diff,
+        hf.config.reward_mean,
+        hf.config.reward_std,
+        out,
+    )
+    (out / "rewardlab_export.json").write_text(
+        json.dumps(
+            {
+                **info,
+                "architecture": type(hf).__name__,
+                "reward_mean": hf.config.reward_mean,
+                "reward_std": hf.config.reward_std,
+                "pad_token": tokenizer.pad_token,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return info
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    export(cfg)
+
+
+if __name__ == "__main__":
+    main()
