@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help install models train test test-fast lint clean
+.PHONY: help install models train test test-fast bench bench-all lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -37,8 +37,17 @@ test: $(STAMP) $(MODELS)  ## run the whole test suite, slow tests included
 test-fast: $(STAMP) $(MODELS)  ## run the test suite without the slow tests
 	$(PY) -m pytest -m "not slow"
 
+DEVICE ?= cpu
+bench: $(STAMP) $(MODELS)  ## rewardlab vs TRL's RewardTrainer, side by side (DEVICE=cuda on a GPU); appends to docs/BENCHMARKS.md
+	$(PY) bench/run.py compare --device $(DEVICE)
+
+bench-all: bench  ## also each speed lever, the frozen-trunk cache and memory against data size
+	$(PY) bench/run.py levers --device $(DEVICE)
+	$(PY) bench/run.py cache --device $(DEVICE)
+	$(PY) bench/run.py memory --device $(DEVICE)
+
 lint: $(STAMP)  ## ruff
-	$(PY) -m ruff check rewardlab tests
+	$(PY) -m ruff check rewardlab tests bench
 
 clean:  ## remove run folders and caches (not the venv)
 	rm -rf outputs .cache .pytest_cache

@@ -1,16 +1,43 @@
-"""Run bookkeeping that is not the model's business: final validation and training throughput."""
+"""Run bookkeeping that is not the model's business: checkpoint writing, final validation and
+training throughput."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file beside the target, flushed to disk, then renamed over
+    it: a kill during saving leaves the previous checkpoint intact, never a torn one. Streams to the
+    file, where Lightning's default first serialises the whole checkpoint into memory (twice)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 class Throughput(Callback):
-    """Pairs/s, real (non-pad) tokens/s and padding efficiency of training, across all devices.
+    """Pairs/s, real (non-pad) tokens/s and padding efficiency of training, across all devices, and
+    pairs/s of testing (scoring without gradients).
 
     The clock runs from the start of each training epoch to its end and is paused while
     validation runs, so data loading counts and evaluation does not.
@@ -19,7 +46,10 @@ class Throughput(Callback):
     def __init__(self) -> None:
         self.pairs = self.real_tokens = self.padded_tokens = 0
         self.seconds = 0.0
+        self.epoch_seconds: list[float] = []  # training time of each epoch
+        self.test_pairs, self.test_seconds = 0, 0.0
         self._started: float | None = None
+        self._epoch_from = 0.0
 
     def _start(self) -> None:
         self._started = time.perf_counter()
@@ -28,8 +58,11 @@ class Throughput(Callback):
         if self._started is not None:
             self.seconds += time.perf_counter() - self._started
             self._started = None
+            self.epoch_seconds[-1] = self.seconds - self._epoch_from
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_from = self.seconds
+        self.epoch_seconds.append(0.0)
         self._start()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -41,6 +74,23 @@ class Throughput(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._start()
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.test_pairs, self._test_started = 0, time.perf_counter()
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.test_pairs += batch["attention_mask"].shape[0] // 2 * trainer.world_size
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.test_seconds = time.perf_counter() - self._test_started
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict[str, Any], batch_idx: int
@@ -58,7 +108,8 @@ class Throughput(Callback):
             "train/tokens_per_s": self.real_tokens / seconds,
             "train/padding_efficiency": self.real_tokens / max(self.padded_tokens, 1),
             "train/seconds": self.seconds,
-        }
+            "train/epoch_seconds": [round(s, 3) for s in self.epoch_seconds],
+        } | ({"test/pairs_per_s": self.test_pairs / max(self.test_seconds, 1e-9)} if self.test_seconds else {})
 
 
 class ValidateOnMaxSteps(Callback):
@@ -74,3 +125,27 @@ class ValidateOnMaxSteps(Callback):
     ) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
+
+
+class TrimMemory(Callback):
+    """Hand freed memory back to the OS before validation and testing (glibc's `malloc_trim`).
+
+    Training with varying batch shapes leaves freed blocks in the allocator; evaluation allocates
+    other shapes and would grow the process on top of them. Trimming at those points keeps peak
+    memory at what training itself needs. A no-op where the C library has no `malloc_trim`.
+    """
+
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(name) if name else None
+        self._trim = getattr(libc, "malloc_trim", None)
+
+    def _release(self) -> None:
+        if self._trim is not None:
+            self._trim(0)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._release()
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._release()

@@ -728,7 +728,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     Training (`shuffle`): shuffle, cut into groups of `group_batches` batches, sort each group by
     length so a batch holds similar lengths (little padding), then shuffle the batch order.
-    Evaluation: sorted by length, longest first, so an out-of-memory shows on the first batch.
+    Evaluation: sorted by length, longest first, so an out-of-memory shows on the first batch;
+    with `max_tokens`, a batch holds at most that many padded tokens (fewer pairs when they are
+    long), which bounds memory without changing any reward.
     """
 
     def __init__(
@@ -742,6 +744,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         key: str = "data.batch_size",
+        max_tokens: int | None = None,
     ):
         if batch_size % world_size:
             raise DataError(
@@ -750,6 +753,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.lengths, self.batch_size, self.shuffle = lengths, batch_size, shuffle
         self.group_by_length, self.group_batches, self.seed = group_by_length, group_batches, seed
         self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self.max_tokens = max_tokens
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -758,7 +762,15 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         n, b = len(self.lengths), self.batch_size
         if not self.shuffle:
             order = np.argsort(-self.lengths, kind="stable")
-            return [order[i : i + b] for i in range(0, n, b)]
+            batches, i = [], 0
+            while i < n:
+                take = b
+                if self.max_tokens:  # pairs × 2 sequences × the longest (first) length
+                    fit = self.max_tokens // (2 * max(int(self.lengths[order[i]]), 1))
+                    take = max(self.world_size, min(b, fit // self.world_size * self.world_size))
+                batches.append(order[i : i + take])
+                i += take
+            return batches
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(n)
         if self.group_by_length:
@@ -781,7 +793,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             yield share.tolist()
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+        if self.shuffle or not self.max_tokens:
+            return -(-len(self.lengths) // self.batch_size)
+        return len(self.batches())
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -795,6 +809,7 @@ class PreferenceDataModule(L.LightningDataModule):
         test_file: str | None,
         batch_size: int,
         eval_batch_size: int,
+        eval_max_tokens: int | None,
         max_length: int,
         truncation: str,
         schema: str,
@@ -824,7 +839,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         self.settings = Settings(schema, format, chat_template, dict(columns), max_length, truncation, on_bad_row)
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.batch_size, self.eval_batch_size, self.eval_max_tokens = batch_size, eval_batch_size, eval_max_tokens
         self.val_fraction, self.group_by_length, self.group_batches = val_fraction, group_by_length, group_batches
         self.collator = PairCollator(tokenizer.pad_token_id, padding_side, pad_to_multiple_of)
         self.num_workers, self.seed = num_workers, seed
@@ -905,7 +920,16 @@ class PreferenceDataModule(L.LightningDataModule):
             ("data.batch_size", self.batch_size) if shuffle else ("data.eval_batch_size", self.eval_batch_size)
         )
         sampler = LengthGroupedBatchSampler(
-            dataset.lengths, batch_size, shuffle, self.group_by_length, self.group_batches, self.seed, rank, world, key
+            dataset.lengths,
+            batch_size,
+            shuffle,
+            self.group_by_length,
+            self.group_batches,
+            self.seed,
+            rank,
+            world,
+            key,
+            max_tokens=None if shuffle else self.eval_max_tokens,
         )
         return DataLoader(
             dataset,

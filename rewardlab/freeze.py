@@ -1,9 +1,11 @@
 """Which parameters train: the freezing strategies of an ablation.
 
 Each strategy takes the `RewardModel` (its `backbone` and `head`) and sets `requires_grad`; the
-head always trains. A strategy that cannot apply to a backbone raises `FreezeError` when the model
-is built, before any training step. Blocks are found generically (the longest list of identical
-modules: `layers` in Llama, `h` in GPT-2, `encoder.layer` in BERT), not by hard-coded names.
+head always trains. A strategy that leaves a frozen trunk whose output can be cached returns it
+(`FrozenTrunk`, when `cache_features`), else None. A strategy that cannot apply to a backbone
+raises `FreezeError` when the model is built, before any training step. Blocks are found
+generically (the longest list of identical modules: `layers` in Llama, `h` in GPT-2,
+`encoder.layer` in BERT), not by hard-coded names.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from torch import nn
+
+from rewardlab.features import FrozenTrunk
 
 if TYPE_CHECKING:
     from rewardlab.model import RewardModel
@@ -51,29 +55,37 @@ def full(model: RewardModel) -> None:
     _set(model, True)
 
 
-def head_only(model: RewardModel) -> None:
-    """A linear probe: the backbone is frozen, only the head trains."""
+def _probe(model: RewardModel) -> None:
     _set(model.backbone, False)
     _set(model.head, True)
 
 
-def last_n(model: RewardModel, n: int) -> None:
-    """The top `n` transformer blocks, the final norm and the head train; the rest is frozen."""
+def head_only(model: RewardModel, cache_features: bool) -> FrozenTrunk | None:
+    """A linear probe: the backbone is frozen, only the head trains. With `cache_features`, each
+    sequence's last-token state is computed once and reused from the second epoch on."""
+    _probe(model)
+    return FrozenTrunk() if cache_features else None
+
+
+def last_n(model: RewardModel, n: int, cache_features: bool) -> FrozenTrunk | None:
+    """The top `n` transformer blocks, the final norm and the head train; the rest is frozen. With
+    `cache_features`, the input to the first trainable block is computed once and reused."""
     name, blocks = transformer_blocks(model.backbone)
     if not 1 <= n <= len(blocks):
         raise FreezeError(
             f"freeze.n={n}: the backbone has {len(blocks)} blocks ({name}); expected 1 <= n <= {len(blocks)}"
         )
-    head_only(model)
+    _probe(model)
     for block in blocks[len(blocks) - n :]:
         _set(block, True)
     for norm in final_norms(model.backbone, name):
         _set(norm, True)
+    return FrozenTrunk(blocks=name, n_frozen=len(blocks) - n) if cache_features and n < len(blocks) else None
 
 
 def bitfit(model: RewardModel) -> None:
     """BitFit: only the backbone's biases and the head train."""
-    head_only(model)
+    _probe(model)
     biases = [p for name, p in model.backbone.named_parameters() if name.endswith(".bias")]
     if not biases:
         raise FreezeError(

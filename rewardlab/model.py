@@ -8,8 +8,10 @@ concatenated `(2B, L)` batch; the first B rewards are the chosen ones.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,6 +20,19 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, Metric
 from transformers import PreTrainedModel
+
+from rewardlab.features import (
+    FeatureCache,
+    FrozenTrunk,
+    active_dropout,
+    capture_block_output,
+    describe,
+    sequence_ids,
+    skip_blocks,
+    weights_digest,
+)
+
+log = logging.getLogger(__name__)
 
 Loss = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -67,6 +82,16 @@ class PairMetrics(Metric):
         }
 
 
+def _disable_dropout(module: nn.Module) -> None:
+    """Dropout off everywhere (also attention dropout kept as a float, as in Llama)."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for attr in ("attention_dropout", "dropout_prob"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+
+
 def _eval_frozen(module: nn.Module) -> None:
     for child in module.children():
         params = list(child.parameters())
@@ -85,14 +110,20 @@ class RewardModel(L.LightningModule):
         loss: Loss,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None,
-        freeze: Callable[[RewardModel], None],
+        freeze: Callable[[RewardModel], FrozenTrunk | None],
         head_lr_mult: float,
         head_init_std: float | None,
         gradient_checkpointing: bool,
+        checkpoint_above_tokens: int | None,
+        disable_dropout: bool,
+        compile: bool,
+        feature_cache_dir: str | None,
     ):
         super().__init__()
         self.backbone = backbone
         self.backbone.config.use_cache = False
+        if disable_dropout:
+            _disable_dropout(backbone)
         hidden = backbone.config.get_text_config().hidden_size
         self.head = nn.Linear(hidden, 1, bias=False)
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1) if head_init_std is None else head_init_std)
@@ -101,9 +132,14 @@ class RewardModel(L.LightningModule):
         self.pass_positions = "position_ids" in inspect.signature(backbone.forward).parameters
         if getattr(backbone, "pooler", None) is not None:
             backbone.pooler = None  # BERT-like [CLS] pooler: unused by a last-token reward, so not trained
+        self.gradient_checkpointing, self.checkpoint_above_tokens = gradient_checkpointing, checkpoint_above_tokens
         if gradient_checkpointing:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        freeze(self)
+        self.trunk: FrozenTrunk | None = freeze(self)
+        if compile:
+            self.backbone.compile(dynamic=True)
+        self.feature_cache_dir = Path(feature_cache_dir) if feature_cache_dir else None
+        self.feature_caches: dict[str, FeatureCache] = {}
         self.train_metrics, self.val_metrics, self.test_metrics = PairMetrics(), PairMetrics(), PairMetrics()
         self.val_acc_best = MaxMetric()
         self.run_config: dict[str, Any] | None = None
@@ -117,23 +153,129 @@ class RewardModel(L.LightningModule):
             _eval_frozen(self)
         return self
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Rewards, shape `(N,)`, float32 even under mixed precision (the head runs outside autocast)."""
+    def last_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The backbone's final hidden state at each sequence's last real token, `(N, hidden)`."""
         extra = {"position_ids": position_ids(attention_mask)} if self.pass_positions else {}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+
+    def score(self, last: Tensor) -> Tensor:
+        """The head, in float32 even under mixed precision (it runs outside autocast)."""
         with torch.autocast(device_type=last.device.type, enabled=False):
             return self.head(last.float()).squeeze(-1)
 
-    def pair_rewards(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        chosen, rejected = self(batch["input_ids"], batch["attention_mask"]).chunk(2)
-        return chosen, rejected
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Rewards, shape `(N,)`, float32."""
+        return self.score(self.last_hidden(input_ids, attention_mask))
+
+    def pair_rewards(self, batch: dict[str, Tensor], split: str | None = None) -> tuple[Tensor, Tensor]:
+        """Rewards of chosen and rejected from one `(2B, L)` pass; with a feature cache for `split`,
+        the frozen trunk's outputs are read back instead of recomputed."""
+        cache = self.feature_caches.get(split) if split else None
+        if cache is None:
+            return self(batch["input_ids"], batch["attention_mask"]).chunk(2)
+        return self._cached_rewards(batch, cache).chunk(2)
+
+    def _cached_rewards(self, batch: dict[str, Tensor], cache: FeatureCache) -> Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        sequences = sequence_ids(batch["index"])
+        hit = cache.has(sequences)
+        cache.hits += len(sequences) if hit else 0
+        cache.misses += 0 if hit else len(sequences)
+        if self.trunk.n_frozen is None:  # the whole backbone is frozen: cache last-token states
+            if hit:
+                last = torch.from_numpy(np.concatenate([cache.read(i) for i in sequences])).to(self.device)
+                return self.score(last)
+            last = self.last_hidden(ids, mask)
+            for k, i in enumerate(sequences):
+                cache.write(i, last[k : k + 1].detach().float().cpu().numpy())
+            return self.score(last)
+        blocks = self.backbone.get_submodule(self.trunk.blocks)
+        if hit and hasattr(cache, "dtype"):  # the frozen blocks' output, placed at each real token
+            features = torch.zeros(*ids.shape, cache.hidden, dtype=cache.dtype, device=self.device)
+            for k, i in enumerate(sequences):
+                features[k, mask[k].bool()] = torch.from_numpy(cache.read(i)).to(self.device, cache.dtype)
+            with skip_blocks(blocks, self.trunk.n_frozen, features):
+                return self(ids, mask)
+        store: list[Tensor] = []
+        with capture_block_output(blocks, self.trunk.n_frozen, store):
+            rewards = self(ids, mask)
+        out = store[0].detach()
+        cache.dtype = out.dtype
+        for k, i in enumerate(sequences):
+            cache.write(i, out[k][mask[k].bool()].float().cpu().numpy())
+        return rewards
+
+    def setup(self, stage: str) -> None:
+        """Before fitting: check margins where the loss needs them; open the frozen-trunk caches."""
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        if datamodule is None:
+            return
+        self._check_margins(datamodule)
+        if stage == "fit" and self.trunk is not None and self.feature_cache_dir is not None:
+            self._open_feature_caches(datamodule)
+
+    def _trunk_modules(self) -> list[nn.Module]:
+        """The modules that run before the first trainable one (all of them for head_only)."""
+        if self.trunk.n_frozen is None:
+            return list(self.backbone.modules())
+        blocks = self.backbone.get_submodule(self.trunk.blocks)
+        later = {id(m) for block in blocks[self.trunk.n_frozen :] for m in block.modules()}
+        children = [name for name, _ in self.backbone.named_children()]
+        top = self.trunk.blocks.split(".")[0]
+        for name in children[children.index(top) + 1 :]:
+            later |= {id(m) for m in getattr(self.backbone, name).modules()}
+        return [m for m in self.backbone.modules() if id(m) not in later]
+
+    def _open_feature_caches(self, datamodule: Any) -> None:
+        self.train()
+        noisy = active_dropout(iter(self._trunk_modules()))
+        if noisy:
+            log.info("feature cache off: dropout is active in the frozen part (%s)", ", ".join(sorted(set(noisy))))
+            return
+        frozen = {id(p) for m in self._trunk_modules() for p in m.parameters(recurse=False)}
+        digest = weights_digest(self.backbone, lambda n: id(self.backbone.get_parameter(n)) in frozen)
+        hidden = self.backbone.config.get_text_config().hidden_size
+        for split in ("train", "val"):
+            dataset = datamodule.datasets.get(split)
+            if dataset is None:
+                continue
+            key = {
+                "data": dataset.folder.name,
+                "trunk": vars(self.trunk),
+                "weights": digest,
+                "precision": str(self.trainer.precision),
+            }
+            folder = self.feature_cache_dir / f"{dataset.folder.name}-{describe(key)}"
+            self.feature_caches[split] = FeatureCache(
+                folder, dataset.seq_lengths.ravel(), hidden, per_token=self.trunk.n_frozen is not None
+            )
+        log.info("feature cache on for the frozen trunk (%s): %s", self.trunk, self.feature_cache_dir)
+
+    def on_train_end(self) -> None:
+        if self.trainer.world_size == 1:
+            for cache in self.feature_caches.values():
+                cache.save()
 
     def _metrics(self, split: str) -> PairMetrics:
         return getattr(self, f"{split}_metrics")
 
+    def _checkpoint_if_long(self, batch: dict[str, Tensor]) -> None:
+        """Gradient checkpointing for the rare batch above `checkpoint_above_tokens` (padded) tokens:
+        peak memory is set by the longest batches, speed by the many short ones."""
+        if self.gradient_checkpointing or self.checkpoint_above_tokens is None:
+            return
+        long = batch["input_ids"].numel() > self.checkpoint_above_tokens
+        if long != self.backbone.is_gradient_checkpointing:
+            if long:
+                self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.backbone.gradient_checkpointing_disable()
+
     def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor, Tensor]:
-        chosen, rejected = self.pair_rewards(batch)
+        if split == "train":
+            self._checkpoint_if_long(batch)
+        chosen, rejected = self.pair_rewards(batch, split)
         loss = self.loss_fn(chosen, rejected, batch["margin"])
         self._metrics(split).update(chosen.detach(), rejected.detach(), loss.detach())
         return loss, chosen, rejected
@@ -158,19 +300,17 @@ class RewardModel(L.LightningModule):
         self._metrics(split).reset()
         return values
 
-    def setup(self, stage: str) -> None:
-        """A loss that reads margins needs one for every pair: check all splits before training."""
+    def _check_margins(self, datamodule: Any) -> None:
+        """A loss that reads margins needs one for every pair: checked on all splits before training."""
         loss = getattr(self.loss_fn, "func", self.loss_fn)
-        datamodule = self.trainer.datamodule if self.trainer is not None else None
-        if not getattr(loss, "needs_margin", False) or datamodule is None:
+        if not getattr(loss, "needs_margin", False):
             return
         for split, dataset in datamodule.datasets.items():
             missing = int(np.isnan(dataset.margin[dataset.index]).sum())
             if missing:
                 raise ValueError(
-                    f"loss={loss.__name__} needs a margin for every pair, but {missing} of "
-                    f"{len(dataset)} {split} pairs have none (column "
-                    f"'{datamodule.settings.columns['margin']}'); use loss=bradley_terry"
+                    f"loss={loss.__name__} needs a margin for every pair, but {missing} of {len(dataset)} {split} "
+                    f"pairs have none (column '{datamodule.settings.columns['margin']}'); use loss=bradley_terry"
                 )
 
     def on_train_start(self) -> None:
@@ -202,6 +342,25 @@ class RewardModel(L.LightningModule):
             {"params": head, "lr": lr * self.head_lr_mult},
         ]
         return [g for g in groups if g["params"]]
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip here unless a gradient scaler (fp16) is in use: Lightning's precision plugin refuses
+        fused optimizers even in bf16 and fp32, where there is nothing to unscale."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if not gradient_clip_val:
+            return None
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        return None
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(params=self.parameter_groups())

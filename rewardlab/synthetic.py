@@ -116,9 +116,9 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
 }
 
 
-def _filler(rng: random.Random) -> str:
+def _filler(rng: random.Random, max_sentences: int) -> str:
     """Shared context of long-tailed length: most pairs get none or a little, a few a lot."""
-    n = min(int(rng.paretovariate(1.2)) - 1, 60) if rng.random() < 0.7 else 0
+    n = min(int(rng.paretovariate(1.2)) - 1, max_sentences) if rng.random() < 0.7 else 0
     return " ".join(rng.choice(FILLER) for _ in range(n))
 
 
@@ -127,7 +127,12 @@ def _key(row: Pair) -> tuple[str, str, str]:
 
 
 def pairs(
-    n: int, seed: int, long_tail: bool = False, seen: set | None = None, tasks: Sequence[str] = tuple(TASKS)
+    n: int,
+    seed: int,
+    long_tail: bool = False,
+    seen: set | None = None,
+    tasks: Sequence[str] = tuple(TASKS),
+    max_filler: int = 60,
 ) -> Iterator[Pair]:
     """Yield `n` deterministic, distinct pairs. `seen` holds the (prompt, chosen, rejected) of pairs
     made before (other splits): those are skipped, and every pair yielded is added to it."""
@@ -140,7 +145,7 @@ def pairs(
     while made < n:
         task = names[made % len(names)]
         question, right, wrong = TASKS[task](rng)
-        prompt = f"{_filler(rng)} {question}".strip() if long_tail else question
+        prompt = f"{_filler(rng, max_filler)} {question}".strip() if long_tail else question
         style = rng.choice(ANSWER_STYLES)
         row = {"prompt": prompt, "chosen": style.format(a=right), "rejected": style.format(a=wrong), "subset": task}
         if _key(row) not in seen:
@@ -150,13 +155,18 @@ def pairs(
 
 
 def write_splits(
-    out_dir: Path, sizes: dict[str, int], seed: int = 0, long_tail: bool = False, tasks: Sequence[str] = tuple(TASKS)
+    out_dir: Path,
+    sizes: dict[str, int],
+    seed: int = 0,
+    long_tail: bool = False,
+    tasks: Sequence[str] = tuple(TASKS),
+    max_filler: int = 60,
 ) -> None:
     """Write `{split}.jsonl` for each split; no split repeats a pair of an earlier split."""
     out_dir.mkdir(parents=True, exist_ok=True)
     seen: set[tuple[str, str, str]] = set()
     for i, (split, n) in enumerate(sizes.items()):
-        rows = list(pairs(n, seed=seed + i, long_tail=long_tail, seen=seen, tasks=tasks))
+        rows = list(pairs(n, seed=seed + i, long_tail=long_tail, seen=seen, tasks=tasks, max_filler=max_filler))
         with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -170,8 +180,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--long-tail", action="store_true")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
+    p.add_argument("--max-filler", type=int, default=60, help="most filler sentences before a long-tail question")
     a = p.parse_args()
-    write_splits(a.out_dir, {"train": a.train, "val": a.val, "test": a.test}, a.seed, a.long_tail, a.tasks.split(","))
+    sizes = {"train": a.train, "val": a.val, "test": a.test}
+    write_splits(a.out_dir, sizes, a.seed, a.long_tail, a.tasks.split(","), a.max_filler)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,9 @@ def fit_and_test(
     results: dict[str, Any] = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.test and datamodule.has_test():
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        if Path(best).is_file():  # memory-mapped: the weights are read, the optimizer state never is
+            model.load_state_dict(torch.load(best, map_location="cpu", mmap=True, weights_only=True)["state_dict"])
+        trainer.test(model, datamodule=datamodule, ckpt_path=best if best and not Path(best).is_file() else None)
         results |= {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         results["test/checkpoint"] = best or "final weights"
     return results

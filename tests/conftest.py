@@ -63,6 +63,32 @@ def make_cfg(tmp_path: Path, cache_dir: Path):
     return _make
 
 
+def reward_model(backbone, freeze=None, head_lr_mult: float = 1.0, disable_dropout: bool = False):
+    """A RewardModel with test defaults: Bradley–Terry, AdamW, no schedule, no feature cache."""
+    from functools import partial
+
+    import torch
+
+    from rewardlab import freeze as strategies
+    from rewardlab.losses import bradley_terry
+    from rewardlab.model import RewardModel
+
+    return RewardModel(
+        backbone,
+        bradley_terry,
+        partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1),
+        None,
+        freeze or strategies.full,
+        head_lr_mult,
+        None,
+        gradient_checkpointing=False,
+        checkpoint_above_tokens=None,
+        disable_dropout=disable_dropout,
+        compile=False,
+        feature_cache_dir=None,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return tiny("llama", 32, 1, 2, 64, 128, 0.0).tokenizer

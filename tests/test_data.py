@@ -26,6 +26,7 @@ def datamodule(tokenizer, tmp_path: Path, **overrides) -> PreferenceDataModule:
         test_file=None,
         batch_size=2,
         eval_batch_size=2,
+        eval_max_tokens=None,
         max_length=64,
         truncation="truncate",
         schema="auto",
@@ -486,3 +487,14 @@ def test_tokenizer_fingerprint_ignores_backend_truncation_state():
     assert D.tokenizer_fingerprint(tok) == before
     tok.add_tokens(["newword"])
     assert D.tokenizer_fingerprint(tok) != before
+
+
+def test_eval_batches_respect_a_token_budget():
+    lengths = np.array([100, 10, 10, 10, 10, 50, 10, 10])
+    sampler = D.LengthGroupedBatchSampler(lengths, 4, False, True, 50, seed=0, max_tokens=200)
+    batches = list(sampler)
+    assert batches[0] == [0]  # 2 sequences × 100 tokens fill the budget
+    assert batches[1] == [5, 1] and batches[2] == [2, 3, 4, 6]  # 2 pairs × 2 × 50 = 200; then the cap of 4 pairs
+    assert sorted(i for b in batches for i in b) == list(range(8)) and len(sampler) == len(batches) == 4
+    ranked = [list(D.LengthGroupedBatchSampler(lengths, 4, False, True, 50, 0, r, 2, max_tokens=200)) for r in (0, 1)]
+    assert len(ranked[0]) == len(ranked[1]) and sorted(i for rk in ranked for b in rk for i in b) == list(range(8))

@@ -13,9 +13,10 @@ from hydra.utils import instantiate
 from rewardlab import freeze
 from rewardlab.backbones import tiny
 from rewardlab.freeze import FreezeError
-from rewardlab.losses import bradley_terry
 from rewardlab.model import RewardModel
 from rewardlab.train import train
+
+from .conftest import reward_model
 
 FAMILIES = ["llama", "gpt2", "bert"]
 STRATEGIES = ["full", "last_n", "head_only", "bitfit", "lora"]
@@ -24,7 +25,7 @@ STRATEGIES = ["full", "last_n", "head_only", "bitfit", "lora"]
 def model_with(family: str, strategy) -> RewardModel:
     torch.manual_seed(0)
     bb = tiny(family, 32, 3, 4, 64, 128, 0.0)
-    return RewardModel(bb.model, bradley_terry, partial(torch.optim.AdamW, lr=1e-3), None, strategy, 1.0, None, False)
+    return reward_model(bb.model, strategy)
 
 
 def trainable(model: RewardModel) -> int:
@@ -53,10 +54,10 @@ def test_trainable_counts_are_what_each_strategy_promises(family):
     full = model_with(family, freeze.full)
     assert trainable(full) == numel(full)  # the BERT pooler is dropped: unused by a last-token reward
 
-    head_only = model_with(family, freeze.head_only)
+    head_only = model_with(family, partial(freeze.head_only, cache_features=False))
     assert trainable(head_only) == hidden
 
-    two = model_with(family, partial(freeze.last_n, n=2))
+    two = model_with(family, partial(freeze.last_n, n=2, cache_features=False))
     name, blocks = freeze.transformer_blocks(two.backbone)
     norms = sum(numel(m) for m in freeze.final_norms(two.backbone, name))
     assert trainable(two) == numel(blocks[1]) + numel(blocks[2]) + norms + hidden
@@ -78,7 +79,7 @@ def test_trainable_counts_are_what_each_strategy_promises(family):
 @pytest.mark.parametrize("n", [0, 4])
 def test_last_n_beyond_the_depth_fails_before_training(n):
     with pytest.raises(FreezeError, match=rf"freeze.n={n}: the backbone has 3 blocks \(layers\)"):
-        model_with("llama", partial(freeze.last_n, n=n))
+        model_with("llama", partial(freeze.last_n, n=n, cache_features=False))
 
 
 CASES = [(f, s) for f in FAMILIES for s in STRATEGIES if (f, s) != ("llama", "bitfit")]
@@ -119,42 +120,22 @@ def invisible_bias(model: RewardModel) -> str | None:
 
 def test_frozen_modules_run_without_dropout_and_trained_ones_with_it():
     torch.manual_seed(0)
-    bb = tiny("bert", 32, 3, 4, 64, 128, 0.1)
-    model = RewardModel(
-        bb.model,
-        bradley_terry,
-        partial(torch.optim.AdamW, lr=1e-3),
-        None,
-        partial(freeze.last_n, n=1),
-        1.0,
-        None,
-        False,
-    )
+    model = reward_model(tiny("bert", 32, 3, 4, 64, 128, 0.1).model, partial(freeze.last_n, n=1, cache_features=False))
     layers = model.backbone.encoder.layer
     assert model.training and model.head.training and layers[2].training and layers[2].output.dropout.training
     assert not model.backbone.embeddings.training and not layers[0].training and not layers[1].attention.training
     model.eval()
     model.train()  # Lightning's validation loop switches back and forth
     assert layers[2].training and not layers[0].training
-    probe = RewardModel(
-        tiny("bert", 32, 3, 4, 64, 128, 0.1).model,
-        bradley_terry,
-        partial(torch.optim.AdamW, lr=1e-3),
-        None,
-        freeze.head_only,
-        1.0,
-        None,
-        False,
-    )
+    probe = reward_model(tiny("bert", 32, 3, 4, 64, 128, 0.1).model, partial(freeze.head_only, cache_features=False))
     assert not probe.backbone.training and not any(m.training for m in probe.backbone.modules())
-    full = RewardModel(
-        tiny("bert", 32, 3, 4, 64, 128, 0.1).model,
-        bradley_terry,
-        partial(torch.optim.AdamW, lr=1e-3),
-        None,
-        freeze.full,
-        1.0,
-        None,
-        False,
-    )
+    full = reward_model(tiny("bert", 32, 3, 4, 64, 128, 0.1).model)
     assert all(m.training for m in full.modules())
+
+
+def test_disable_dropout_turns_every_dropout_off():
+    quiet = reward_model(tiny("bert", 32, 3, 4, 64, 128, 0.1).model, disable_dropout=True)
+    assert all(m.p == 0.0 for m in quiet.modules() if isinstance(m, torch.nn.Dropout))
+    model = tiny("llama", 32, 2, 4, 64, 128, 0.1).model
+    reward_model(model, disable_dropout=True)
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.layers)

@@ -1,33 +1,20 @@
 """The reward is read from the last real token, whatever the padding, in one forward pass."""
 
-from functools import partial
-
 import pytest
 import torch
 
-from rewardlab import freeze
 from rewardlab.backbones import tiny
 from rewardlab.data import PairCollator
-from rewardlab.losses import bradley_terry
 from rewardlab.model import PairMetrics, RewardModel, last_token_index, position_ids
+
+from .conftest import reward_model
 
 FAMILIES = ["llama", "gpt2", "bert"]
 
 
 def build(family: str, seed: int = 0, head_lr_mult: float = 1.0) -> RewardModel:
     torch.manual_seed(seed)
-    bb = tiny(family, 32, 2, 4, 64, 128, 0.0, 0.12)
-    model = RewardModel(
-        bb.model,
-        bradley_terry,
-        partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1),
-        None,
-        freeze.full,
-        head_lr_mult,
-        None,
-        False,
-    )
-    return model.eval()
+    return reward_model(tiny(family, 32, 2, 4, 64, 128, 0.0, 0.12).model, head_lr_mult=head_lr_mult).eval()
 
 
 SEQS = [[1, 50, 60, 70, 2], [1, 80, 2], [1, 90, 91, 92, 93, 94, 95, 2]]
