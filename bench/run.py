@@ -278,6 +278,13 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def command(what: str, args: argparse.Namespace) -> str:
+    """The command line that reproduces a benchmark, with the options that differ from the defaults."""
+    extra = "".join(f" --{k} {v}" for k, v in (("steps", args.steps), ("device", args.device))
+                    if v != {"steps": 150, "device": "cpu"}[k])
+    return f"python bench/run.py {what}{extra}"
+
+
 def append(title: str, command: str, device: str, body: str) -> None:
     REPORT.parent.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -414,7 +421,7 @@ def levers(args: argparse.Namespace) -> None:
         f"long-tailed data. Tokenizing once and caching: the first run spends {tokenize[0]:.1f} s reading and "
         f"tokenizing the 9,500 pairs, a second run {tokenize[1]:.2f} s finding the cache."
     )
-    append("Speed levers, one at a time", "python bench/run.py levers", args.device, body)
+    append("Speed levers, one at a time", command("levers", args), args.device, body)
 
 
 def tokenize_seconds(data: Path) -> tuple[float, float]:
@@ -483,7 +490,7 @@ def cache(args: argparse.Namespace) -> None:
         "(n=1) from the cached input of block 6. Accuracy with and without the cache should agree (same "
         "seed, same batches; features are stored in float32)."
     )
-    append("Frozen-trunk feature cache", "python bench/run.py cache", args.device, body)
+    append("Frozen-trunk feature cache", command("cache", args), args.device, body)
 
 
 def memory(args: argparse.Namespace) -> None:
@@ -507,7 +514,7 @@ def memory(args: argparse.Namespace) -> None:
         f"\n\nMiniLM, {args.steps} steps; the 10x run tokenizes 80,000 pairs into the memory-mapped cache "
         f"first. RSS ratio 10x / 1x: {rows[1][1] / rows[0][1]:.3f}."
     )
-    append("Peak memory against dataset size", "python bench/run.py memory", args.device, body)
+    append("Peak memory against dataset size", command("memory", args), args.device, body)
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
-"""Run bookkeeping that is not the model's business: checkpoint writing, final validation and
-training throughput."""
+"""Run bookkeeping that is not the model's business: checkpoint writing, preemption, final
+validation, training throughput and memory."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,9 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -33,6 +37,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-save
+            stale.unlink(missing_ok=True)
+
+
+class CheckpointOnPreemption(Callback):
+    """On SIGTERM (a cluster preempting or requeueing the job), save `<dirpath>/last.ckpt` once the
+    running batch is done, so `ckpt_path=last` (or the path) resumes exactly there.
+
+    Lightning turns SIGTERM into a `SIGTERMException` after the current batch; this saves on that
+    exception only. A crash or a NaN is no state to resume from, so other exceptions save nothing.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.path = Path(dirpath) / "last.ckpt"
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            trainer.save_checkpoint(self.path)
+            log.warning("SIGTERM: saved %s at step %d", self.path, trainer.global_step)
 
 
 class Throughput(Callback):
@@ -64,6 +87,12 @@ class Throughput(Callback):
         self._epoch_from = self.seconds
         self.epoch_seconds.append(0.0)
         self._start()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Any], batch_idx: int
+    ) -> None:
+        if self._started is None:  # resumed mid-epoch: Lightning does not start that epoch again
+            self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop()

@@ -14,7 +14,6 @@ A pair (prompt, chosen, rejected) becomes two token sequences, each `prompt [SEP
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import io
 import json
@@ -23,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -37,6 +37,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
+# The datamodule restores the data position itself (PreferenceDataModule.state_dict), which this
+# warning of Lightning's, about DataLoaders without state, does not know.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 SCHEMAS = ("explicit", "conversational", "implicit")
@@ -417,7 +420,8 @@ class Formatter:
         return head, head + response + self.eos
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        """Token ids in full; `truncate` cuts them to max_length (so no "longer than" warning here)."""
+        return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def resolve_format(style: str, schema: str, tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> str:
@@ -677,6 +681,11 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def describe(self, pairs: Iterable[int]) -> str:
+        """Where pairs (cache indices, as in a batch's `index`) came from, for error messages."""
+        rows = sorted(int(self.row[j]) + 1 for j in pairs)
+        return f"rows {rows} (1-based, in reading order) of {self.meta['source']} ({self.meta['split']} split)"
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         j = int(self.index[i])
         o = self.offsets
@@ -754,6 +763,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.group_by_length, self.group_batches, self.seed = group_by_length, group_batches, seed
         self.rank, self.world_size, self.epoch = rank, world_size, 0
         self.max_tokens = max_tokens
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches already trained in it)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -786,7 +796,11 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.batches():
+        batches = self.batches()
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            batches = batches[self.resume_at[1] :]  # the batches after those trained before the interruption
+        self.resume_at = None
+        for batch in batches:
             share = batch[self.rank :: self.world_size]
             if len(share) == 0:  # a last batch smaller than the world: this rank repeats one pair
                 share = batch[-1:]
@@ -846,10 +860,17 @@ class PreferenceDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir)
         self.report_dir = Path(report_dir) if report_dir else None
         self.datasets: dict[str, PairDataset] = {}
+        self.resume: dict[str, int] | None = None  # a checkpoint's data position, until the loader uses it
+        self._cache_paths: dict[str, Path] = {}
 
-    @functools.cache  # noqa: B019 - one datamodule per run; hashing the data once is the point
     def cache_path(self, split: str) -> Path:
-        """Where the split's tokens are cached: keyed by the data's content, tokenizer and settings."""
+        """Where the split's tokens are cached: keyed by the data's content, tokenizer and settings
+        (hashed once per split and remembered)."""
+        if split not in self._cache_paths:
+            self._cache_paths[split] = self._cache_key_path(split)
+        return self._cache_paths[split]
+
+    def _cache_key_path(self, split: str) -> Path:
         spec = self.files[split]
         key = hashlib.sha256(
             json.dumps(
@@ -903,7 +924,8 @@ class PreferenceDataModule(L.LightningDataModule):
         for split in self.files:
             if split in self.datasets and (self.datasets[split].meta["split"] == split):
                 log.info(summary_line(self.datasets[split].meta))
-                lines += (self.datasets[split].folder / "bad_rows.jsonl").read_text(encoding="utf-8").splitlines()
+                text = (self.datasets[split].folder / "bad_rows.jsonl").read_text(encoding="utf-8")
+                lines += text.split("\n")[:-1]  # not splitlines(): rows may hold U+2028 or U+0085
         if lines and self.report_dir is not None:
             self.report_dir.mkdir(parents=True, exist_ok=True)
             (self.report_dir / "bad_rows.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -931,13 +953,61 @@ class PreferenceDataModule(L.LightningDataModule):
             key,
             max_tokens=None if shuffle else self.eval_max_tokens,
         )
-        return DataLoader(
-            dataset,
+        options = dict(
             batch_sampler=sampler,
             collate_fn=self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # its own generator: starting an iterator draws a seed, which must not move the global one
+            # (dropout) and so make a resumed run differ from an uninterrupted one
+            generator=torch.Generator().manual_seed(self.seed),
         )
+        if shuffle and self.resume is not None:
+            self._resume(sampler)
+        return DataLoader(dataset, **options)
+
+    def state_dict(self) -> dict[str, int]:
+        """The training data position, saved in every checkpoint. Lightning's own route (a stateful
+        DataLoader) is not taken: it loads the position only after the loader has been built."""
+        if self.trainer is None or "train" not in self.datasets:
+            return {}
+        return {
+            "epoch": self.trainer.current_epoch,
+            "batches_trained": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            "batches_per_epoch": -(-len(self.datasets["train"]) // self.batch_size),
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Called with a checkpoint's state before the training loader is built."""
+        self.resume = state or None
+
+    def _resume(self, sampler: LengthGroupedBatchSampler) -> None:
+        """Resuming mid-epoch: that epoch continues with the batches it had not trained yet, in the
+        same order, instead of starting over (and training its first batches twice)."""
+        state, self.resume = self.resume, None
+        if state["batches_per_epoch"] != len(sampler):
+            log.warning(
+                "resuming: the checkpoint's epoch had %d batches, the data now gives %d; "
+                "the interrupted epoch restarts from its first batch",
+                state["batches_per_epoch"],
+                len(sampler),
+            )
+            return
+        sampler.resume_at = (state["epoch"], state["batches_trained"])
+        if 0 < state["batches_trained"] < len(sampler):
+            log.info("resuming epoch %d after its first %d batches", state["epoch"], state["batches_trained"])
+
+    def counts(self) -> dict[str, int]:
+        """Pairs read, used, truncated, dropped and skipped per split, for the run's results."""
+        out: dict[str, int] = {}
+        for split, dataset in self.datasets.items():
+            out |= {f"data/{split}/{kind}": 0 for kind in ("read", "used", "truncated", "dropped", "skipped")}
+            if dataset.meta["split"] != split:  # val held out of train: counted under train
+                continue
+            for key, n in dataset.meta["counts"].items():
+                kind = key.split(":", 1)[0]
+                out[f"data/{split}/{kind}"] = out.get(f"data/{split}/{kind}", 0) + n
+        return out
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

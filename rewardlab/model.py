@@ -118,6 +118,7 @@ class RewardModel(L.LightningModule):
         disable_dropout: bool,
         compile: bool,
         feature_cache_dir: str | None,
+        skip_nonfinite: bool,
     ):
         super().__init__()
         self.backbone = backbone
@@ -133,6 +134,7 @@ class RewardModel(L.LightningModule):
         if getattr(backbone, "pooler", None) is not None:
             backbone.pooler = None  # BERT-like [CLS] pooler: unused by a last-token reward, so not trained
         self.gradient_checkpointing, self.checkpoint_above_tokens = gradient_checkpointing, checkpoint_above_tokens
+        self.checkpointing_now = gradient_checkpointing
         if gradient_checkpointing:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.trunk: FrozenTrunk | None = freeze(self)
@@ -142,6 +144,8 @@ class RewardModel(L.LightningModule):
         self.feature_caches: dict[str, FeatureCache] = {}
         self.train_metrics, self.val_metrics, self.test_metrics = PairMetrics(), PairMetrics(), PairMetrics()
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # in checkpoints: a resumed run remembers the best so far
+        self.skip_nonfinite, self.skipped_nonfinite = skip_nonfinite, 0
         self.run_config: dict[str, Any] | None = None
         self.train()  # from_pretrained returns eval mode; Lightning keeps the mode it finds
 
@@ -266,32 +270,59 @@ class RewardModel(L.LightningModule):
         if self.gradient_checkpointing or self.checkpoint_above_tokens is None:
             return
         long = batch["input_ids"].numel() > self.checkpoint_above_tokens
-        if long != self.backbone.is_gradient_checkpointing:
+        if long != self.checkpointing_now:
+            self.checkpointing_now = long
             if long:
                 self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             else:
                 self.backbone.gradient_checkpointing_disable()
 
     def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor, Tensor]:
-        if split == "train":
-            self._checkpoint_if_long(batch)
         chosen, rejected = self.pair_rewards(batch, split)
         loss = self.loss_fn(chosen, rejected, batch["margin"])
-        self._metrics(split).update(chosen.detach(), rejected.detach(), loss.detach())
         return loss, chosen, rejected
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def _finite(self, loss: Tensor, batch: dict[str, Tensor], batch_idx: int) -> bool:
+        """A NaN or inf loss stops the run naming the step and the pairs; with `skip_nonfinite` the
+        batch is skipped (no update) and counted. Decided on all devices together, so ranks agree."""
+        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            return True
+        datamodule = self.trainer.datamodule
+        pairs = batch["index"].tolist()
+        where = (
+            f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}), pairs from "
+            f"{datamodule.datasets['train'].describe(pairs) if datamodule is not None else pairs}"
+        )
+        if not self.skip_nonfinite:
+            raise FloatingPointError(
+                f"loss is {loss.item()} at {where}; trainer.skip_nonfinite=true skips such batches instead"
+            )
+        self.skipped_nonfinite += 1
+        log.warning(
+            "skipped the batch at %s: loss is %s (%d skipped so far)", where, loss.item(), self.skipped_nonfinite
+        )
+        return False
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        self._checkpoint_if_long(batch)
         loss, chosen, rejected = self._step(batch, "train")
+        if not self._finite(loss, batch, batch_idx):
+            return None  # Lightning skips backward and the optimizer step
+        self.train_metrics.update(chosen.detach(), rejected.detach(), loss.detach())
         n = chosen.numel()
-        self.log("train/loss_step", loss, prog_bar=True, batch_size=n)
-        self.log("train/acc_step", (chosen > rejected).float().mean(), prog_bar=True, batch_size=n)
+        self.log("train/loss_step", loss, prog_bar=True, batch_size=n, sync_dist=True)  # mean over devices
+        self.log("train/acc_step", (chosen > rejected).float().mean(), prog_bar=True, batch_size=n, sync_dist=True)
         return loss
 
+    def _evaluate(self, batch: dict[str, Tensor], split: str) -> None:
+        loss, chosen, rejected = self._step(batch, split)
+        self._metrics(split).update(chosen.detach(), rejected.detach(), loss.detach())
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+        self._evaluate(batch, "test")
 
     def _log_epoch(self, split: str) -> dict[str, Tensor]:
         """Log the epoch's metrics (already reduced across devices by torchmetrics) and reset."""
@@ -312,9 +343,6 @@ class RewardModel(L.LightningModule):
                     f"loss={loss.__name__} needs a margin for every pair, but {missing} of {len(dataset)} {split} "
                     f"pairs have none (column '{datamodule.settings.columns['margin']}'); use loss=bradley_terry"
                 )
-
-    def on_train_start(self) -> None:
-        self.val_acc_best.reset()  # the sanity check's validation must not count as a best
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -370,6 +398,19 @@ class RewardModel(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Carry the run's resolved config, so eval/export rebuild the model from the checkpoint alone."""
+        """Carry the run's resolved config, so eval/export rebuild the model from the checkpoint alone,
+        and the random generators' state, so a resumed run draws what the uninterrupted one would have
+        (dropout). Tensors only: the checkpoint stays loadable with `weights_only`."""
         if self.run_config is not None:
             checkpoint["rewardlab_config"] = self.run_config
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["skipped_nonfinite"] = self.skipped_nonfinite
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng" in checkpoint and self.trainer.state.fn == "fit":
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+            if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        self.skipped_nonfinite = checkpoint.get("skipped_nonfinite", 0)

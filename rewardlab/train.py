@@ -6,8 +6,11 @@ split exists, and writes `results.json` into the run folder. Console script: `re
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
+import re
 import resource
 import time
 from pathlib import Path
@@ -18,6 +21,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -26,6 +30,9 @@ from rewardlab.data import DataError, PreferenceDataModule, ensure_pad_token
 from rewardlab.model import RewardModel
 
 log = logging.getLogger(__name__)
+
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|APIKEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job ended by SIGTERM
 
 
 def peak_rss_mb() -> float:
@@ -48,6 +55,21 @@ def finish_loggers(loggers: list[Logger], exit_code: int) -> None:
             lg.experiment.finish(exit_code=exit_code)
 
 
+def redact(value: Any) -> Any:
+    """`value` with every occurrence of a secret from the environment (a variable named like a token,
+    key or password: WANDB_API_KEY, HF_TOKEN, ...) replaced by `***`. Applied to the resolved config
+    before it reaches loggers, checkpoints and results, where an `${oc.env:...}` would otherwise land."""
+    secrets = [v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8]
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "***")
+    return value
+
+
 def build_model(cfg: DictConfig, backbone: PreTrainedModel) -> RewardModel:
     """The LightningModule from `cfg.model` and its groups (loss, optimizer, scheduler, freeze)."""
     model = instantiate(
@@ -58,8 +80,34 @@ def build_model(cfg: DictConfig, backbone: PreTrainedModel) -> RewardModel:
         scheduler=instantiate(cfg.scheduler),
         freeze=instantiate(cfg.freeze),
     )
-    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    model.run_config = redact(OmegaConf.to_container(cfg, resolve=True))
     return model
+
+
+def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
+    """`cfg.trainer` as a Trainer; `skip_nonfinite` is rewardlab's (read by the model), not Lightning's."""
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    options.pop("skip_nonfinite")
+    return instantiate(options, **kwargs)
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from: `ckpt_path` itself, or for `last` the newest of this run folder's
+    `checkpoints/last.ckpt` and Lightning's SLURM `hpc_ckpt_*.ckpt` (none yet: a fresh start)."""
+    if cfg.ckpt_path is None:
+        return None
+    if cfg.ckpt_path == "last":
+        out = Path(cfg.paths.output_dir)
+        found = [p for p in [out / "checkpoints" / "last.ckpt", *out.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        if not found:
+            log.info("ckpt_path=last: no checkpoint in %s yet, starting fresh", out)
+            return None
+        newest = max(found, key=lambda p: p.stat().st_mtime)
+        log.info("ckpt_path=last: resuming from %s", newest)
+        return str(newest)
+    if not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path: no such checkpoint {cfg.ckpt_path!r} (a .ckpt file, or `last`)")
+    return str(cfg.ckpt_path)
 
 
 def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
@@ -90,7 +138,7 @@ def fit_and_test(
     cfg: DictConfig, trainer: L.Trainer, datamodule: PreferenceDataModule, model: RewardModel
 ) -> dict[str, Any]:
     """Fit, then test the best checkpoint when there is a test split; the metrics of both."""
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg))
     results: dict[str, Any] = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.test and datamodule.has_test():
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -111,8 +159,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True)
         datamodule, model = build(cfg)
         callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
-        loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        loggers = [  # redacted: wandb tags and names hold this job's overrides, resolved
+            instantiate(redact(OmegaConf.to_container(c, resolve=True))) for c in (cfg.logger or {}).values() if c
+        ]
+        trainer = build_trainer(cfg, callbacks=callbacks, logger=loggers or False)
         params = count_parameters(model)
         log.info("parameters: %d total, %d trainable", params["params/total"], params["params/trainable"])
         for lg in trainer.loggers:
@@ -121,11 +171,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for callback in callbacks:
             if isinstance(callback, Throughput):
                 results |= callback.results()
-        results |= params | {
-            "global_step": trainer.global_step,
-            "peak_rss_mb": peak_rss_mb(),
-            "wall_s": time.time() - started,
-        }
+        results |= (
+            params
+            | datamodule.counts()
+            | {
+                "train/skipped_nonfinite": model.skipped_nonfinite,
+                "global_step": trainer.global_step,
+                "peak_rss_mb": peak_rss_mb(),
+                "wall_s": time.time() - started,
+            }
+        )
         if trainer.is_global_zero:
             numbers = {k: v for k, v in results.items() if isinstance(v, (int, float))}
             for lg in trainer.loggers:
@@ -133,6 +188,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             path = Path(cfg.paths.output_dir) / "results.json"
             path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
             log.info("results: %s", path)
+    except SIGTERMException:
+        log.warning(
+            "stopped by SIGTERM; resume with ckpt_path=%s (or ckpt_path=last with hydra.run.dir=%s)",
+            Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
+            cfg.paths.output_dir,
+        )
+        finish_loggers(loggers, exit_code=PREEMPTED_EXIT_CODE)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except BaseException as e:
         log.error("run failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, DataError))
         finish_loggers(loggers, exit_code=1)
@@ -143,7 +206,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    results = train(cfg)
+    try:
+        results = train(cfg)
+    finally:  # Lightning's objects refer to each other in cycles: free this job's model, optimizer state,
+        gc.collect()  # data maps and open files now, not with the next multirun job already loaded
     metric = cfg.get("optimized_metric")
     return results.get(metric) if metric else None
 

@@ -86,6 +86,7 @@ def reward_model(backbone, freeze=None, head_lr_mult: float = 1.0, disable_dropo
         disable_dropout=disable_dropout,
         compile=False,
         feature_cache_dir=None,
+        skip_nonfinite=False,
     )
 
 

@@ -20,7 +20,8 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydr
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF / group).glob("*.yaml"))]
 QUIZ = CONF.parent / "rewardlab" / "assets" / "quiz"
 GPU_TRAINERS = ["gpu", "ddp", "fsdp", "deepspeed"]
-ELSEWHERE = {("trainer", t) for t in [*GPU_TRAINERS, "ddp_cpu"]}  # need GPUs, or run in a subprocess
+# need GPUs, run in a subprocess (ddp_cpu) or under SLURM (slurm, in test_reliability)
+ELSEWHERE = {("trainer", t) for t in [*GPU_TRAINERS, "ddp_cpu", "slurm"]}
 RUNNABLE = [
     pytest.param(g, o, id=f"{g}={o}", marks=[pytest.mark.slow] if o == "smollm2_135m" else [])
     for g, o in OPTIONS

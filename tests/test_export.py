@@ -6,6 +6,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +238,26 @@ def test_server_answers_openrlhf_requests_and_rejects_bad_ones(trained, tmp_path
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_server_answers_200_concurrent_requests_correctly(trained, tmp_path, cache_dir):
+    export_to(trained["llama"], tmp_path / "export", cache_dir)
+    cfg = compose_config("serve", [f"model_dir={tmp_path / 'export'}", "port=0"], tmp_path / "s", cache_dir)
+    server = make_server(cfg)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/get_reward"
+    texts = [f"[BOS]Is {i} even or odd?[SEP]{('odd', 'even')[i % 2]}[EOS]" for i in range(200)]
+    try:
+        with ThreadPoolExecutor(max_workers=200) as pool:  # all 200 in flight at once
+            answers = list(pool.map(lambda t: post(url, {"query": [t]}), texts))
+    finally:
+        server.shutdown()
+        server.server_close()
+    _, model, tok = load_run(str(trained["llama"]))
+    with torch.no_grad():
+        expected = model(*pad_sequences([tok(t, add_special_tokens=False)["input_ids"] for t in texts], 0))
+    assert [status for status, _ in answers] == [200] * 200
+    assert np.allclose([body["rewards"][0] for _, body in answers], expected.numpy(), atol=1e-4)
 
 
 def test_cli_chain_export_eval_score(trained, tmp_path):
