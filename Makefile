@@ -41,10 +41,12 @@ DEVICE ?= cpu
 bench: $(STAMP) $(MODELS)  ## rewardlab vs TRL's RewardTrainer, side by side (DEVICE=cuda on a GPU); appends to docs/BENCHMARKS.md
 	$(PY) bench/run.py compare --device $(DEVICE)
 
-bench-all: bench  ## also each speed lever, the frozen-trunk cache and memory against data size
-	$(PY) bench/run.py levers --device $(DEVICE)
+bench-all: bench  ## also each speed lever, the frozen-trunk cache, memory against data size, accuracy over seeds
+	$(PY) bench/run.py levers --steps 60 --device $(DEVICE)
+	$(PY) bench/run.py leave-one-out --device $(DEVICE)
 	$(PY) bench/run.py cache --device $(DEVICE)
 	$(PY) bench/run.py memory --device $(DEVICE)
+	$(PY) bench/run.py accuracy --device $(DEVICE)
 
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check rewardlab tests bench
