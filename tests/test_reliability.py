@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from rewardlab.callbacks import AtomicCheckpointIO
 from rewardlab.data import PairDataset, Settings, build_cache
 from rewardlab.train import build_trainer, redact, train
 
-from .conftest import CONF, ROOT
+from .conftest import CONF
 from .test_configs import wandb_exit_code
 from .test_data import COLUMNS, datamodule, ready
 from .test_train import run_cli
@@ -344,27 +343,17 @@ def test_redact_replaces_secrets_from_the_environment(monkeypatch):
 
 def test_no_secret_reaches_the_run_folder(tmp_path, cache_dir):
     run = tmp_path / "run"
-    env = {**os.environ, **SECRETS}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rewardlab.train",
-            "logger=wandb",
-            f"paths.cache_dir={cache_dir}",
-            f"hydra.run.dir={run}",
-            "+note=${oc.env:HF_TOKEN}",
-            "+other=${oc.env:WANDB_API_KEY}",
-            "trainer.max_steps=4",
-            "trainer.limit_val_batches=2",
-            "trainer.limit_test_batches=2",
-            "~callbacks.progress_bar",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = run_cli(
+        "logger=wandb",
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={run}",
+        "+note=${oc.env:HF_TOKEN}",
+        "+other=${oc.env:WANDB_API_KEY}",
+        "trainer.max_steps=4",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
+        "~callbacks.progress_bar",
+        env=SECRETS,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     files = [p for p in run.rglob("*") if p.is_file()]
@@ -396,30 +385,21 @@ def processes_with(marker: str) -> list[int]:
 @pytest.mark.slow
 def test_thirty_job_multirun_finishes_every_job_and_leaks_nothing(tmp_path, cache_dir):
     sweep, fds = tmp_path / "sweep", tmp_path / "fds.txt"
-    marker = f"RL_LOAD_TEST={uuid.uuid4().hex}"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", marker.split("=")[0]: marker.split("=")[1]}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rewardlab.train",
-            "-m",
-            "seed=range(30)",
-            "logger=wandb",
-            f"paths.cache_dir={cache_dir}",
-            f"hydra.sweep.dir={sweep}",
-            "trainer.max_steps=3",
-            "trainer.limit_val_batches=1",
-            "trainer.limit_test_batches=1",
-            "trainer.num_sanity_val_steps=0",
-            "~callbacks.progress_bar",
-            "+callbacks.fds._target_=tests.helpers.RecordOpenFiles",
-            f"+callbacks.fds.path={fds}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    marker = uuid.uuid4().hex  # in the environment of every process the sweep starts
+    done = run_cli(
+        "-m",
+        "seed=range(30)",
+        "logger=wandb",
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.sweep.dir={sweep}",
+        "trainer.max_steps=3",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "trainer.num_sanity_val_steps=0",
+        "~callbacks.progress_bar",
+        "+callbacks.fds._target_=tests.helpers.RecordOpenFiles",
+        f"+callbacks.fds.path={fds}",
+        env={"RL_LOAD_TEST": marker},
         timeout=1800,
     )
     assert done.returncode == 0, done.stderr[-3000:]

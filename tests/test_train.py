@@ -33,16 +33,17 @@ RESULT_KEYS = {
 }
 
 
-def run_cli(*args: str, module: str = "rewardlab.train", cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """`python -m <module> <args>` in a fresh process, as a user runs it."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_cli(
+    *args: str, module: str = "rewardlab.train", cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` in a fresh process, as a user runs it (`env`: extra variables)."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
-        env=env,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
 
 
