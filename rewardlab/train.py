@@ -60,14 +60,18 @@ def redact(value: Any) -> Any:
     key or password: WANDB_API_KEY, HF_TOKEN, ...) replaced by `***`. Applied to the resolved config
     before it reaches loggers, checkpoints and results, where an `${oc.env:...}` would otherwise land."""
     secrets = [v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8]
-    if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, "***")
-    return value
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if isinstance(v, str):
+            for secret in secrets:
+                v = v.replace(secret, "***")
+        return v
+
+    return clean(value)
 
 
 def build_model(cfg: DictConfig, backbone: PreTrainedModel) -> RewardModel:
