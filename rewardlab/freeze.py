@@ -41,13 +41,18 @@ def transformer_blocks(backbone: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(stacks, key=lambda s: (len(s[1]), sum(p.numel() for p in s[1].parameters())))
 
 
-def final_norms(backbone: nn.Module, blocks_name: str) -> list[nn.Module]:
-    """Normalisation layers registered after the blocks (Llama `norm`, GPT-2 `ln_f`): they shape
-    the hidden state the head reads, so they train with the top blocks."""
+def modules_after_blocks(backbone: nn.Module, blocks_name: str) -> list[nn.Module]:
+    """Every module of the backbone's children registered after the one holding the blocks."""
     names = [name for name, _ in backbone.named_children()]
     top = blocks_name.split(".")[0]
     after = names[names.index(top) + 1 :] if top in names else []
-    return [m for n in after for m in getattr(backbone, n).modules() if "norm" in type(m).__name__.lower()]
+    return [m for n in after for m in getattr(backbone, n).modules()]
+
+
+def final_norms(backbone: nn.Module, blocks_name: str) -> list[nn.Module]:
+    """Normalisation layers registered after the blocks (Llama `norm`, GPT-2 `ln_f`): they shape
+    the hidden state the head reads, so they train with the top blocks."""
+    return [m for m in modules_after_blocks(backbone, blocks_name) if "norm" in type(m).__name__.lower()]
 
 
 def full(model: RewardModel) -> None:

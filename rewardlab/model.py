@@ -31,6 +31,7 @@ from rewardlab.features import (
     skip_blocks,
     weights_digest,
 )
+from rewardlab.freeze import modules_after_blocks
 
 log = logging.getLogger(__name__)
 
@@ -225,19 +226,17 @@ class RewardModel(L.LightningModule):
             return list(self.backbone.modules())
         blocks = self.backbone.get_submodule(self.trunk.blocks)
         later = {id(m) for block in blocks[self.trunk.n_frozen :] for m in block.modules()}
-        children = [name for name, _ in self.backbone.named_children()]
-        top = self.trunk.blocks.split(".")[0]
-        for name in children[children.index(top) + 1 :]:
-            later |= {id(m) for m in getattr(self.backbone, name).modules()}
+        later |= {id(m) for m in modules_after_blocks(self.backbone, self.trunk.blocks)}
         return [m for m in self.backbone.modules() if id(m) not in later]
 
     def _open_feature_caches(self, datamodule: Any) -> None:
         self.train()
-        noisy = active_dropout(iter(self._trunk_modules()))
+        trunk = self._trunk_modules()
+        noisy = active_dropout(iter(trunk))
         if noisy:
             log.info("feature cache off: dropout is active in the frozen part (%s)", ", ".join(sorted(set(noisy))))
             return
-        frozen = {id(p) for m in self._trunk_modules() for p in m.parameters(recurse=False)}
+        frozen = {id(p) for m in trunk for p in m.parameters(recurse=False)}
         digest = weights_digest(self.backbone, lambda n: id(self.backbone.get_parameter(n)) in frozen)
         hidden = self.backbone.config.get_text_config().hidden_size
         for split in ("train", "val"):
