@@ -138,7 +138,7 @@ def rewardlab_job(a: dict[str, Any]) -> dict[str, Any]:
         f"seed={a.get('seed', 42)}",
         *a["overrides"],
     ]
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "rewardlab" / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = a["out"]
@@ -478,7 +478,7 @@ def tokenize_seconds(data: Path) -> tuple[float, float]:
 
     tok = pretrained(backbone_path("minilm")).tokenizer
     files = [f"data.{s}_file={data}/{s}.jsonl" for s in ("train", "val", "test")]
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "rewardlab" / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*files, f"data.cache_dir={tempfile.mkdtemp()}", "data.report_dir=null"])
     times = []
     for _ in range(2):

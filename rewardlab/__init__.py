@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parent
 __version__ = "0.1.0"
 
 
@@ -34,8 +35,10 @@ def _job_name() -> str | None:
     return (job.job.override_dirname or None) if _sweep_group() else None
 
 
-# Resolvers used in conf/: `${rl_root:}` is the repository root, wherever the command runs from.
-OmegaConf.register_new_resolver("rl_root", lambda: str(ROOT), replace=True)
+# Resolvers used in conf/: `${rl_cwd:}` is the folder the command runs in (outputs and caches go
+# under it, as Hydra's do), `${rl_package:}` the installed package (its embedded data).
+OmegaConf.register_new_resolver("rl_cwd", os.getcwd, replace=True)
+OmegaConf.register_new_resolver("rl_package", lambda: str(PACKAGE), replace=True)
 OmegaConf.register_new_resolver("rl_sweep_group", _sweep_group, replace=True)
 OmegaConf.register_new_resolver("rl_job_overrides", _job_overrides, replace=True)
 OmegaConf.register_new_resolver("rl_job_name", _job_name, replace=True)

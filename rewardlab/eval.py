@@ -17,36 +17,15 @@ from typing import Any
 
 import hydra
 import numpy as np
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
-from rewardlab.data import PairDataset, PreferenceDataModule
-from rewardlab.model import RewardModel
-from rewardlab.train import finish_loggers, load_run
+from rewardlab.data.cache import PairDataset
+from rewardlab.run import finish_loggers, load_run, score_pairs, split_datamodule
 
 log = logging.getLogger(__name__)
-
-
-@torch.inference_mode()
-def score_pairs(model: RewardModel, loader: DataLoader, bf16: bool = False) -> dict[str, np.ndarray]:
-    """Rewards of chosen and rejected for every pair the loader yields, keyed by pair index."""
-    chosen, rejected, index = [], [], []
-    for batch in loader:
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-            c, r = model.pair_rewards({k: v.to(model.device) for k, v in batch.items()})
-        chosen.append(c.float().cpu())
-        rejected.append(r.float().cpu())
-        index.append(batch["index"])
-    order = torch.cat(index).argsort()
-    return {
-        "chosen": torch.cat(chosen)[order].numpy().astype(np.float64),
-        "rejected": torch.cat(rejected)[order].numpy().astype(np.float64),
-        "index": torch.cat(index)[order].numpy(),
-    }
 
 
 def calibration(p_chosen: np.ndarray, bins: int) -> tuple[float, list[dict[str, float]]]:
@@ -152,29 +131,21 @@ def plot(result: dict[str, Any], scores: dict[str, np.ndarray], out: Path) -> li
     return [out / "reliability.png", out / "rewards.png"]
 
 
-def data_config(cfg: DictConfig, run_cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """`data_from: checkpoint`: the trained run's data settings, with the `data.*` overrides given
+def evaluate(cfg: DictConfig, data_overrides: list[str]) -> dict[str, Any]:
+    """Score `cfg.split` with the checkpoint's model; write eval.json, rewards.jsonl and plots.
+
+    `data_from: checkpoint` takes the trained run's data settings with the `data.*` overrides given
     on the command line on top (so tokenization matches training unless you change it);
-    `data_from: config`: conf/data as composed for this command."""
+    `data_from: config` takes conf/data as composed for this command."""
+    run_cfg, model, tokenizer = load_run(cfg.ckpt_path, cfg.allow_targets, cfg.trust_remote_code, cfg.paths.cache_dir)
     if cfg.data_from == "config":
         data = cfg.data
     elif cfg.data_from == "checkpoint":
-        data = OmegaConf.merge(run_cfg.data, OmegaConf.from_dotlist([o[len("data.") :] for o in overrides]))
+        data = OmegaConf.merge(run_cfg.data, OmegaConf.from_dotlist([o[len("data.") :] for o in data_overrides]))
     else:
         raise ValueError(f"data_from: unknown {cfg.data_from!r}; expected checkpoint or config")
-    only = {f"{split}_file": None for split in ("train", "val", "test") if split != cfg.split}
-    return OmegaConf.merge(data, only, {"report_dir": cfg.paths.output_dir, "cache_dir": cfg.data.cache_dir})
-
-
-def evaluate(cfg: DictConfig, data_overrides: list[str]) -> dict[str, Any]:
-    """Score `cfg.split` with the checkpoint's model; write eval.json, rewards.jsonl and plots."""
-    run_cfg, model, tokenizer = load_run(cfg.ckpt_path)
-    datamodule: PreferenceDataModule = instantiate(data_config(cfg, run_cfg, data_overrides), tokenizer=tokenizer)
-    split_file = datamodule.files.get(cfg.split)
-    if cfg.split not in ("val", "test") or not split_file:
-        raise ValueError(f"split={cfg.split!r}: expected val or test, with data.{cfg.split}_file set")
-    datamodule.prepare_data()
-    datamodule.setup("test")
+    datamodule = split_datamodule(data, cfg.split, tokenizer, cfg.data.cache_dir, cfg.paths.output_dir)
+    split_file = datamodule.files[cfg.split]
     dataset = datamodule.datasets[cfg.split]
     scores = score_pairs(model, getattr(datamodule, f"{cfg.split}_dataloader")(), bf16=cfg.bf16)
     result = {
@@ -210,7 +181,7 @@ def evaluate(cfg: DictConfig, data_overrides: list[str]) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg, [o for o in HydraConfig.get().overrides.task if o.startswith("data.")])
 

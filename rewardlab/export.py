@@ -15,79 +15,28 @@ with a 40-line `modeling_rewardlab.py` instead, loaded with `trust_remote_code=T
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from rewardlab import __version__
-from rewardlab.data import PairDataset, PreferenceDataModule, pad_sequences
-from rewardlab.eval import score_pairs
+from rewardlab.data.batching import pad_sequences
 from rewardlab.model import RewardModel
-from rewardlab.train import load_run
+from rewardlab.run import load_run, score_pairs, split_datamodule
+from rewardlab.scoring import modeling_module
 
 log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<|reward_pad|>"
-MODELING_FILE = "modeling_rewardlab.py"
-MODELING = '''"""A reward model written by rewardlab.export: the backbone's hidden state at the last
-non-padding token (found from the attention mask), through a linear head `score`. Used for
-families whose own *ForSequenceClassification reads another position. Its own model_type makes
-loading without trust_remote_code=True fail loudly instead of building an untrained model."""
-
-import torch
-from torch import nn
-from transformers import PreTrainedModel
-from transformers import {config_class} as _Config
-from transformers import {model_class} as _Model
-from transformers.modeling_outputs import SequenceClassifierOutput
-
-
-class RewardlabConfig(_Config):
-    model_type = "rewardlab_{family}"
-
-
-class RewardlabForSequenceClassification(PreTrainedModel):
-    config_class = RewardlabConfig
-    base_model_prefix = "model"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = _Model(config)
-        if getattr(self.model, "pooler", None) is not None:
-            self.model.pooler = None  # the reward reads the last token, not the [CLS] pooler
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.model.set_input_embeddings(value)
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if position_ids is None:  # count real tokens only, so left padding gives the same reward
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            **kwargs).last_hidden_state
-        last = attention_mask.shape[-1] - 1 - attention_mask.flip(-1).int().argmax(-1)
-        logits = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
-        return SequenceClassifierOutput(logits=logits)
-'''
 
 
 def merged_backbone(model: RewardModel) -> PreTrainedModel:
@@ -133,19 +82,9 @@ def native_model(backbone: PreTrainedModel, head: nn.Linear) -> PreTrainedModel 
     return model
 
 
-def remote_code_model(backbone: PreTrainedModel, head: nn.Linear, source_dir: Path) -> PreTrainedModel:
-    """rewardlab's own last-token model; `save_pretrained` copies its modeling file from `source_dir`."""
-    (source_dir / MODELING_FILE).write_text(
-        MODELING.format(
-            config_class=type(backbone.config).__name__,
-            model_class=type(backbone).__name__,
-            family=backbone.config.model_type,
-        )
-    )
-    spec = importlib.util.spec_from_file_location("modeling_rewardlab", source_dir / MODELING_FILE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # transformers copies the class's source file from its module
-    spec.loader.exec_module(module)
+def remote_code_model(backbone: PreTrainedModel, head: nn.Linear) -> PreTrainedModel:
+    """rewardlab's own last-token model (`rewardlab.scoring.MODELING`) with the trained weights."""
+    module = modeling_module(backbone.config.model_type)
     module.RewardlabConfig.register_for_auto_class()
     module.RewardlabForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
     config = module.RewardlabConfig.from_dict(backbone.config.to_dict())
@@ -190,20 +129,15 @@ def prepare(
 
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Write the Hugging Face folder and return what was written into its `config.rewardlab`."""
-    run_cfg, model, tokenizer = load_run(cfg.ckpt_path)
+    run_cfg, model, tokenizer = load_run(cfg.ckpt_path, cfg.allow_targets, cfg.trust_remote_code, cfg.paths.cache_dir)
     out = Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"output_dir={out} is not empty; set overwrite=true to replace it")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     split = cfg.normalize_split
-    data_cfg = OmegaConf.merge(
-        run_cfg.data, {f"{s}_file": None for s in ("train", "val", "test") if s != split}, {"report_dir": None}
-    )
-    datamodule: PreferenceDataModule = instantiate(data_cfg, tokenizer=tokenizer)
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    dataset: PairDataset = datamodule.datasets[split]
+    datamodule = split_datamodule(run_cfg.data, split, tokenizer, f"{cfg.paths.cache_dir}/tokenized", None)
+    dataset = datamodule.datasets[split]
     scores = score_pairs(model, getattr(datamodule, f"{split}_dataloader")())
     rewards = np.concatenate([scores["chosen"], scores["rejected"]])
     sample = [dataset[i][side] for i in range(min(cfg.parity_pairs, len(dataset))) for side in ("chosen", "rejected")]
@@ -227,7 +161,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                 f"{type(backbone).__name__}: its *ForSequenceClassification does not give rewardlab's "
                 "scores; export with remote_code=auto to write a modeling file instead"
             )
-        hf, remote = remote_code_model(backbone, model.head, Path(tempfile.mkdtemp())), True
+        hf, remote = remote_code_model(backbone, model.head), True
         diff = prepare(hf, tokenizer, added_pad, reference, sample)
         if diff > cfg.tolerance:
             raise RuntimeError(f"export does not reproduce rewardlab's scores (max |diff| {diff:.2e})")
@@ -277,7 +211,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return info
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     export(cfg)
 

@@ -294,7 +294,7 @@ class RewardModel(L.LightningModule):
         )
         if not self.skip_nonfinite:
             raise FloatingPointError(
-                f"loss is {loss.item()} at {where}; trainer.skip_nonfinite=true skips such batches instead"
+                f"loss is {loss.item()} at {where}; model.skip_nonfinite=true skips such batches instead"
             )
         self.skipped_nonfinite += 1
         log.warning(

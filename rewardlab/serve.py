@@ -23,8 +23,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from rewardlab.data import DataError
-from rewardlab.score import Scorer
+from rewardlab.data.rows import DataError
+from rewardlab.scoring import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def make_server(cfg: DictConfig) -> ThreadingHTTPServer:
     return server
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="serve")
+@hydra.main(version_base="1.3", config_path="conf", config_name="serve")
 def main(cfg: DictConfig) -> None:
     server = make_server(cfg)
     host, port = server.server_address[:2]

@@ -9,8 +9,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
-import re
 import resource
 import time
 from pathlib import Path
@@ -20,18 +18,19 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rewardlab.callbacks import Throughput
-from rewardlab.data import DataError, PreferenceDataModule, ensure_pad_token
+from rewardlab.data.module import PreferenceDataModule
+from rewardlab.data.rows import DataError
 from rewardlab.model import RewardModel
+from rewardlab.redaction import redact
+from rewardlab.run import build, build_trainer, finish_loggers
 
 log = logging.getLogger(__name__)
 
-SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|APIKEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job ended by SIGTERM
 
 
@@ -44,55 +43,6 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
         "params/total": sum(p.numel() for p in model.parameters()),
         "params/trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-
-
-def finish_loggers(loggers: list[Logger], exit_code: int) -> None:
-    """Flush every logger and close every wandb run with the job's exit status, so runs of a
-    multirun never merge and a failed run does not show as finished."""
-    for lg in loggers:
-        lg.finalize("success" if exit_code == 0 else "failed")
-        if isinstance(lg, WandbLogger) and lg._experiment is not None:
-            lg.experiment.finish(exit_code=exit_code)
-
-
-def redact(value: Any) -> Any:
-    """`value` with every occurrence of a secret from the environment (a variable named like a token,
-    key or password: WANDB_API_KEY, HF_TOKEN, ...) replaced by `***`. Applied to the resolved config
-    before it reaches loggers, checkpoints and results, where an `${oc.env:...}` would otherwise land."""
-    secrets = [v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8]
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        if isinstance(v, str):
-            for secret in secrets:
-                v = v.replace(secret, "***")
-        return v
-
-    return clean(value)
-
-
-def build_model(cfg: DictConfig, backbone: PreTrainedModel) -> RewardModel:
-    """The LightningModule from `cfg.model` and its groups (loss, optimizer, scheduler, freeze)."""
-    model = instantiate(
-        cfg.model,
-        backbone=backbone,
-        loss=instantiate(cfg.loss),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler),
-        freeze=instantiate(cfg.freeze),
-    )
-    model.run_config = redact(OmegaConf.to_container(cfg, resolve=True))
-    return model
-
-
-def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
-    """`cfg.trainer` as a Trainer; `skip_nonfinite` is rewardlab's (read by the model), not Lightning's."""
-    options = OmegaConf.to_container(cfg.trainer, resolve=True)
-    options.pop("skip_nonfinite")
-    return instantiate(options, **kwargs)
 
 
 def resume_path(cfg: DictConfig) -> str | None:
@@ -114,35 +64,11 @@ def resume_path(cfg: DictConfig) -> str | None:
     return str(cfg.ckpt_path)
 
 
-def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
-    """The data and the model, from `cfg.backbone`, `cfg.data`, `cfg.model` and its groups."""
-    backbone = instantiate(cfg.backbone)
-    return instantiate(cfg.data, tokenizer=backbone.tokenizer), build_model(cfg, backbone.model)
-
-
-def load_run(ckpt_path: str) -> tuple[DictConfig, RewardModel, PreTrainedTokenizerBase]:
-    """A trained model from a checkpoint alone: rebuilt from the config it carries, then its weights
-    loaded (`weights_only`, so a checkpoint cannot run code). Returns (run config, model in eval
-    mode, tokenizer)."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path: no such checkpoint {ckpt_path!r}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "rewardlab_config" not in checkpoint:
-        raise ValueError(f"{ckpt_path}: not a rewardlab checkpoint (no 'rewardlab_config' in it)")
-    cfg = OmegaConf.create(checkpoint["rewardlab_config"])
-    backbone = instantiate(cfg.backbone)
-    model = build_model(cfg, backbone.model)
-    model.load_state_dict(checkpoint["state_dict"])
-    ensure_pad_token(backbone.tokenizer)
-    return cfg, model.eval(), backbone.tokenizer
-
-
 def fit_and_test(
     cfg: DictConfig, trainer: L.Trainer, datamodule: PreferenceDataModule, model: RewardModel
 ) -> dict[str, Any]:
     """Fit, then test the best checkpoint when there is a test split; the metrics of both."""
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
     results: dict[str, Any] = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.test and datamodule.has_test():
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -208,7 +134,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg)

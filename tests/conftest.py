@@ -16,11 +16,11 @@ import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-import rewardlab  # noqa: E402,F401  (registers the rl_root resolver)
+import rewardlab  # noqa: E402,F401  (registers the config resolvers)
 from rewardlab.backbones import tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
+CONF = ROOT / "rewardlab" / "conf"
 FIXTURES = Path(__file__).parent / "fixtures"
 
 FAST = [

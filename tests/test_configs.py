@@ -11,14 +11,14 @@ import torch
 from hydra.utils import instantiate
 
 from rewardlab.backbones import tiny
-from rewardlab.data import DataError
+from rewardlab.data.rows import DataError
 from rewardlab.train import train
 
 from .conftest import CONF, FIXTURES
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF / group).glob("*.yaml"))]
-QUIZ = CONF.parent / "rewardlab" / "assets" / "quiz"
+QUIZ = CONF.parent / "assets" / "quiz"
 GPU_TRAINERS = ["gpu", "ddp", "fsdp", "deepspeed"]
 # need GPUs, run in a subprocess (ddp_cpu) or under SLURM (slurm, in test_reliability)
 ELSEWHERE = {("trainer", t) for t in [*GPU_TRAINERS, "ddp_cpu", "slurm"]}

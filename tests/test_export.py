@@ -14,12 +14,13 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rewardlab.data import pad_sequences
+from rewardlab.data.batching import pad_sequences
 from rewardlab.eval import calibration, evaluate
 from rewardlab.export import PAD_TOKEN, choose_pad, export
+from rewardlab.run import load_run
 from rewardlab.score import score_file
 from rewardlab.serve import make_server
-from rewardlab.train import load_run, train
+from rewardlab.train import train
 
 from .conftest import compose_config
 from .test_train import run_cli

@@ -10,7 +10,7 @@ import torch
 
 from rewardlab import freeze
 from rewardlab.backbones import tiny
-from rewardlab.data import pad_sequences
+from rewardlab.data.batching import pad_sequences
 from rewardlab.features import FeatureCache
 from rewardlab.train import train
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rewardlab.backbones import tiny
-from rewardlab.data import PairCollator
+from rewardlab.data.batching import PairCollator
 from rewardlab.model import PairMetrics, RewardModel, last_token_index, position_ids
 
 from .conftest import reward_model

@@ -20,12 +20,14 @@ from hypothesis import strategies as st
 
 from rewardlab import losses
 from rewardlab.callbacks import AtomicCheckpointIO
-from rewardlab.data import PairDataset, Settings, build_cache
-from rewardlab.train import build_trainer, redact, train
+from rewardlab.data.cache import PairDataset, Settings, build_cache
+from rewardlab.redaction import redact
+from rewardlab.run import build_trainer
+from rewardlab.train import train
 
 from .conftest import CONF
+from .data.common import COLUMNS, datamodule, ready
 from .test_configs import wandb_exit_code
-from .test_data import COLUMNS, datamodule, ready
 from .test_train import run_cli
 
 # ------------------------------------------------------------------------------------- bad input
@@ -269,12 +271,12 @@ def test_a_nan_loss_stops_the_run_naming_step_and_rows(make_cfg, monkeypatch):
         train(make_cfg())
     message = str(err.value)
     assert message.startswith("loss is nan at step 2 (epoch 0, batch 2), pairs from rows [")
-    assert "quiz/train.jsonl (train split)" in message and "trainer.skip_nonfinite=true" in message
+    assert "quiz/train.jsonl (train split)" in message and "model.skip_nonfinite=true" in message
 
 
 def test_skip_nonfinite_skips_and_counts_the_batch(make_cfg, monkeypatch):
     monkeypatch.setattr(losses, "bradley_terry", nan_on_call(2))
-    cfg = make_cfg("trainer.skip_nonfinite=true")
+    cfg = make_cfg("model.skip_nonfinite=true")
     results = train(cfg)
     assert results["train/skipped_nonfinite"] == 1 and results["global_step"] == 4  # counted, nothing applied
     weights = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

@@ -1,0 +1,130 @@
+"""Batching: chosen and rejected stacked into one `(2B, L)` batch, and a sampler that groups pairs of
+similar length (little padding) and shards every batch across devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from rewardlab.data.rows import DataError
+
+
+def pad_sequences(
+    seqs: list[Any], pad_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id sequences as one `(N, L)` batch padded to the longest, and its attention mask."""
+    width = max(len(s) for s in seqs)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for k, s in enumerate(seqs):
+        span = slice(0, len(s)) if padding_side == "right" else slice(width - len(s), width)
+        input_ids[k, span] = torch.from_numpy(np.asarray(s, dtype=np.int64))
+        attention_mask[k, span] = 1
+    return input_ids, attention_mask
+
+
+@dataclass
+class PairCollator:
+    """Stacks chosen then rejected into one `(2B, L)` batch, padded to the longest sequence in it."""
+
+    pad_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        seqs = [it["chosen"] for it in items] + [it["rejected"] for it in items]
+        input_ids, attention_mask = pad_sequences(seqs, self.pad_id, self.padding_side, self.pad_to_multiple_of)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "margin": torch.tensor([it["margin"] for it in items], dtype=torch.float32),
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        }
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of `batch_size` pairs; each rank of `world_size` gets its share of every batch.
+
+    Training (`shuffle`): shuffle, cut into groups of `group_batches` batches, sort each group by
+    length so a batch holds similar lengths (little padding), then shuffle the batch order.
+    Evaluation: sorted by length, longest first, so an out-of-memory shows on the first batch;
+    with `max_tokens`, a batch holds at most that many padded tokens (fewer pairs when they are
+    long), which bounds memory without changing any reward.
+    """
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        batch_size: int,
+        shuffle: bool,
+        group_by_length: bool,
+        group_batches: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        key: str = "data.batch_size",
+        max_tokens: int | None = None,
+    ):
+        if batch_size % world_size:
+            raise DataError(
+                f"{key}={batch_size} must divide by the world size {world_size} (pairs are split evenly across devices)"
+            )
+        self.lengths, self.batch_size, self.shuffle = lengths, batch_size, shuffle
+        self.group_by_length, self.group_batches, self.seed = group_by_length, group_batches, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self.max_tokens = max_tokens
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches already trained in it)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[np.ndarray]:
+        n, b = len(self.lengths), self.batch_size
+        if not self.shuffle:
+            order = np.argsort(-self.lengths, kind="stable")
+            batches, i = [], 0
+            while i < n:
+                take = b
+                if self.max_tokens:  # pairs × 2 sequences × the longest (first) length
+                    fit = self.max_tokens // (2 * max(int(self.lengths[order[i]]), 1))
+                    take = max(self.world_size, min(b, fit // self.world_size * self.world_size))
+                batches.append(order[i : i + take])
+                i += take
+            return batches
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n)
+        if self.group_by_length:
+            g = b * self.group_batches
+            order = (
+                np.concatenate(
+                    [c[np.argsort(-self.lengths[c], kind="stable")] for c in np.split(order, range(g, n, g))]
+                )
+                if n
+                else order
+            )
+        batches = [order[i : i + b] for i in range(0, n, b)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.batches()
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            batches = batches[self.resume_at[1] :]  # the batches after those trained before the interruption
+        self.resume_at = None
+        for batch in batches:
+            share = batch[self.rank :: self.world_size]
+            if len(share) == 0:  # a last batch smaller than the world: this rank repeats one pair
+                share = batch[-1:]
+            yield share.tolist()
+
+    def __len__(self) -> int:
+        if self.shuffle or not self.max_tokens:
+            return -(-len(self.lengths) // self.batch_size)
+        return len(self.batches())

@@ -1,0 +1,261 @@
+"""The tokenized cache: read, check, format and truncate a split once, and keep its token ids in a
+memory-mapped folder keyed by the data's content, the tokenizer and the settings, so a second run
+on the same data does not tokenize again. `PairDataset` serves pairs from such a folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from array import array
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from rewardlab.data.formatting import Formatter, resolve_format, truncate
+from rewardlab.data.rows import SCHEMAS, BadRow, DataError, Pair, check_row, detect_schema
+from rewardlab.data.sources import CHUNK_ROWS, read_source
+
+CACHE_VERSION = "2"
+
+
+@dataclass
+class Settings:
+    """Everything that changes the tokenized result, hashed into the cache key."""
+
+    schema: str
+    format: str
+    chat_template: str | None
+    columns: dict[str, str]
+    max_length: int
+    truncation: str
+    on_bad_row: str
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of what decides token ids: vocabulary, merges, normalisation, special tokens, template.
+
+    The backend's truncation and padding settings are left out: transformers resets them on the
+    first call, which would otherwise change the key between two reads of the same cache.
+    """
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        h.update(json.dumps(spec, sort_keys=True).encode())
+    else:
+        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            [type(tokenizer).__name__, tokenizer.special_tokens_map, tokenizer.chat_template],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
+    return h.hexdigest()
+
+
+def _chunks(rows: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Settings, out: Path) -> None:
+    """Read, check, tokenize and truncate one split into `out`, streaming in chunks so memory does
+    not grow with the dataset. Written to a temporary folder and renamed, so concurrent jobs of a
+    sweep never see half a cache."""
+    if s.truncation not in ("truncate", "drop"):
+        raise DataError(f"data.truncation: unknown {s.truncation!r}; expected 'truncate' or 'drop'")
+    if s.on_bad_row not in ("error", "skip"):
+        raise DataError(f"data.on_bad_row: unknown {s.on_bad_row!r}; expected 'error' or 'skip'")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    counts: Counter[str] = Counter()
+    lengths, prompt_lengths, rows_used, subsets = array("i"), array("i"), array("q"), array("i")
+    margins = array("f")
+    subset_codes: dict[str, int] = {}
+    schema = formatter = None
+    try:
+        with open(tmp / "ids.bin", "wb") as ids_file, open(tmp / "bad_rows.jsonl", "w", encoding="utf-8") as bad:
+
+            def reject(b: BadRow, kind: str) -> None:
+                counts[f"{kind}:{b.code}"] += 1
+                bad.write(
+                    json.dumps(
+                        {
+                            "split": split,
+                            "kind": kind,
+                            "where": b.where,
+                            "field": b.field,
+                            "code": b.code,
+                            "reason": b.reason,
+                            "row": b.row,
+                        },
+                        default=str,
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
+
+            row_index = 0
+            for chunk in _chunks(read_source(spec, split), CHUNK_ROWS):
+                good: list[tuple[int, str, Any, Pair]] = []
+                for where, row in chunk:
+                    counts["read"] += 1
+                    if schema is None and not isinstance(row, BadRow):
+                        schema = detect_schema(row, s.columns) if s.schema == "auto" else s.schema
+                        if schema not in SCHEMAS:
+                            raise DataError(f"data.schema: unknown {schema!r}; expected auto or one of {SCHEMAS}")
+                        formatter = Formatter(
+                            tokenizer, resolve_format(s.format, schema, tokenizer, s.chat_template), s.chat_template
+                        )
+                    result = check_row(row, where, schema or "explicit", s.columns)
+                    if isinstance(result, BadRow):
+                        if s.on_bad_row == "error":
+                            raise DataError(
+                                f"{result.message()} (data.on_bad_row=skip skips such rows and "
+                                "lists them in bad_rows.jsonl)"
+                            )
+                        reject(result, "skipped")
+                    else:
+                        good.append((row_index, where, row, result))
+                    row_index += 1
+                if not good:
+                    continue
+                heads, chosen_texts, rejected_texts = [], [], []
+                for *_, p in good:
+                    head, chosen_text = formatter.texts(p.prompt, p.chosen)
+                    heads.append(head)
+                    chosen_texts.append(chosen_text)
+                    rejected_texts.append(formatter.texts(p.prompt, p.rejected)[1])
+                encoded = zip(
+                    formatter.encode(chosen_texts), formatter.encode(rejected_texts), map(len, formatter.encode(heads))
+                )
+                for (index, where, row, p), (c, r, n_prompt) in zip(good, encoded):
+                    if max(len(c), len(r)) > s.max_length and s.truncation == "drop":
+                        reject(
+                            BadRow(
+                                where,
+                                None,
+                                "too_long",
+                                f"longer than max_length={s.max_length} (data.truncation=drop)",
+                                row,
+                            ),
+                            "dropped",
+                        )
+                        continue
+                    c, r, cut, n_prompt = truncate(c, r, n_prompt, formatter.n_protected, s.max_length)
+                    if c == r:
+                        reject(
+                            BadRow(
+                                where,
+                                None,
+                                "identical_after_truncation",
+                                f"chosen and rejected are identical once truncated to max_length={s.max_length}",
+                                row,
+                            ),
+                            "dropped",
+                        )
+                        continue
+                    if cut:
+                        counts[f"truncated:{cut}"] += 1
+                    counts["used"] += 1
+                    ids_file.write(np.asarray(c + r, dtype=np.int32).tobytes())
+                    lengths.extend((len(c), len(r)))
+                    prompt_lengths.append(min(n_prompt, len(c), len(r)))
+                    margins.append(p.margin)
+                    rows_used.append(index)
+                    subsets.append(subset_codes.setdefault(p.subset, len(subset_codes)))
+        np.save(tmp / "lengths.npy", np.frombuffer(lengths, dtype=np.int32))
+        np.save(tmp / "prompt_lengths.npy", np.frombuffer(prompt_lengths, dtype=np.int32))
+        np.save(tmp / "margin.npy", np.frombuffer(margins, dtype=np.float32))
+        np.save(tmp / "row.npy", np.frombuffer(rows_used, dtype=np.int64))
+        np.save(tmp / "subset.npy", np.frombuffer(subsets, dtype=np.int32))
+        meta = {
+            "source": spec,
+            "split": split,
+            "schema": schema,
+            "format": formatter and formatter.style,
+            "subsets": list(subset_codes),
+            "counts": dict(counts),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.rename(tmp, out)
+    except OSError:
+        if not out.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; cleans up after an error
+
+
+def summary_line(meta: dict[str, Any]) -> str:
+    """One line per split: pairs read, used, truncated, dropped and skipped, with reasons."""
+    counts = meta["counts"]
+
+    def group(prefix: str) -> tuple[int, str]:
+        items = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith(prefix + ":")}
+        return sum(items.values()), ", ".join(f"{v} {k}" for k, v in sorted(items.items()))
+
+    truncated, t_why = group("truncated")
+    dropped, d_why = group("dropped")
+    skipped, s_why = group("skipped")
+    return (
+        f"data {meta['split']}: {counts.get('read', 0)} pairs read from {meta['source']}, "
+        f"{counts.get('used', 0)} used; {truncated} truncated ({t_why or 'none'}), "
+        f"{dropped} dropped ({d_why or 'none'}), {skipped} bad rows skipped ({s_why or 'none'}) "
+        f"[schema {meta['schema']}, format {meta['format']}]"
+    )
+
+
+class PairDataset(Dataset):
+    """Pairs served from a cache folder; token ids stay memory-mapped on disk."""
+
+    def __init__(self, folder: Path, index: np.ndarray | None = None):
+        self.folder = folder
+        self.meta = json.loads((folder / "meta.json").read_text())
+        seq_lengths = np.load(folder / "lengths.npy")
+        self.seq_lengths = seq_lengths.reshape(-1, 2)  # (pairs, 2): chosen, rejected
+        self.prompt_lengths = np.load(folder / "prompt_lengths.npy")
+        self.offsets = np.concatenate([[0], np.cumsum(seq_lengths, dtype=np.int64)])
+        size = int(self.offsets[-1])
+        self.ids = np.memmap(folder / "ids.bin", dtype=np.int32, mode="r") if size else np.zeros(0, np.int32)
+        self.margin = np.load(folder / "margin.npy")
+        self.row = np.load(folder / "row.npy")
+        self.subset = np.load(folder / "subset.npy")
+        self.index = np.arange(len(self.margin)) if index is None else index
+        self.lengths = self.seq_lengths.max(axis=1)[self.index]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def describe(self, pairs: Iterable[int]) -> str:
+        """Where pairs (cache indices, as in a batch's `index`) came from, for error messages."""
+        rows = sorted(int(self.row[j]) + 1 for j in pairs)
+        return f"rows {rows} (1-based, in reading order) of {self.meta['source']} ({self.meta['split']} split)"
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        j = int(self.index[i])
+        o = self.offsets
+        return {
+            "chosen": self.ids[o[2 * j] : o[2 * j + 1]],
+            "rejected": self.ids[o[2 * j + 1] : o[2 * j + 2]],
+            "margin": float(self.margin[j]),
+            "index": j,
+        }

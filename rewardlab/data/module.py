@@ -1,0 +1,237 @@
+"""The LightningDataModule: reads, checks, tokenizes (cached) and batches preference pairs for
+train/val/test, and keeps the training data position in checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from rewardlab.data.batching import LengthGroupedBatchSampler, PairCollator
+from rewardlab.data.cache import CACHE_VERSION, PairDataset, Settings, build_cache, summary_line, tokenizer_fingerprint
+from rewardlab.data.formatting import ensure_pad_token
+from rewardlab.data.rows import DataError
+from rewardlab.data.sources import fingerprint_source
+
+log = logging.getLogger(__name__)
+# The datamodule restores the data position itself (PreferenceDataModule.state_dict), which this
+# warning of Lightning's, about DataLoaders without state, does not know.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Reads, checks, tokenizes (cached) and batches preference pairs for train/val/test."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        train_file: str | None,
+        val_file: str | None,
+        test_file: str | None,
+        batch_size: int,
+        eval_batch_size: int,
+        eval_max_tokens: int | None,
+        max_length: int,
+        truncation: str,
+        schema: str,
+        format: str,
+        chat_template: str | None,
+        columns: dict[str, str],
+        on_bad_row: str,
+        val_fraction: float,
+        group_by_length: bool,
+        group_batches: int,
+        padding_side: str,
+        pad_to_multiple_of: int | None,
+        num_workers: int,
+        cache_dir: str,
+        report_dir: str | None,
+        seed: int,
+    ):
+        super().__init__()
+        ensure_pad_token(tokenizer)
+        if padding_side not in ("left", "right"):
+            raise DataError(f"data.padding_side: unknown {padding_side!r}; expected 'left' or 'right'")
+        missing = {"prompt", "chosen", "rejected", "margin", "subset"} - set(columns)
+        if missing:
+            raise DataError(f"data.columns: missing {sorted(missing)}; map each to the column name in your data")
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataError(f"data.val_fraction={val_fraction}: expected a number in [0, 1)")
+        self.tokenizer = tokenizer
+        self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self.settings = Settings(schema, format, chat_template, dict(columns), max_length, truncation, on_bad_row)
+        self.batch_size, self.eval_batch_size, self.eval_max_tokens = batch_size, eval_batch_size, eval_max_tokens
+        self.val_fraction, self.group_by_length, self.group_batches = val_fraction, group_by_length, group_batches
+        self.collator = PairCollator(tokenizer.pad_token_id, padding_side, pad_to_multiple_of)
+        self.num_workers, self.seed = num_workers, seed
+        self.cache_dir = Path(cache_dir)
+        self.report_dir = Path(report_dir) if report_dir else None
+        self.datasets: dict[str, PairDataset] = {}
+        self.resume: dict[str, int] | None = None  # a checkpoint's data position, until the loader uses it
+        self._cache_paths: dict[str, Path] = {}
+
+    def cache_path(self, split: str) -> Path:
+        """Where the split's tokens are cached: keyed by the data's content, tokenizer and settings
+        (hashed once per split and remembered)."""
+        if split not in self._cache_paths:
+            self._cache_paths[split] = self._cache_key_path(split)
+        return self._cache_paths[split]
+
+    def _cache_key_path(self, split: str) -> Path:
+        spec = self.files[split]
+        key = hashlib.sha256(
+            json.dumps(
+                [
+                    CACHE_VERSION,
+                    fingerprint_source(spec, split),
+                    tokenizer_fingerprint(self.tokenizer),
+                    vars(self.settings),
+                ],
+                sort_keys=True,
+                default=str,
+            ).encode()
+        ).hexdigest()[:20]
+        return self.cache_dir / f"{split}-{key}"
+
+    def prepare_data(self) -> None:
+        """Tokenize every split not yet cached; every split is checked before training starts."""
+        for split, spec in self.files.items():
+            if spec and not (path := self.cache_path(split)).exists():
+                log.info("tokenizing %s split from %s (cached in %s)", split, spec, path)
+                build_cache(spec, split, self.tokenizer, self.settings, path)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "fit" and not self.files["train"]:
+            raise DataError("data.train_file is not set")
+        if stage == "fit" and not self.files["val"] and not self.val_fraction:
+            raise DataError("no validation data: set data.val_file, or data.val_fraction to hold out part of train")
+        if self.datasets:
+            return
+        for split, spec in self.files.items():
+            if spec:
+                self.datasets[split] = PairDataset(self.cache_path(split))
+        if self.val_fraction and not self.files["val"]:
+            train = self.datasets["train"]
+            order = np.random.default_rng(self.seed).permutation(len(train))
+            n_val = max(1, round(len(train) * self.val_fraction))
+            self.datasets["val"] = PairDataset(train.folder, np.sort(order[:n_val]))
+            self.datasets["train"] = PairDataset(train.folder, np.sort(order[n_val:]))
+            log.info("data val: %d pairs held out of train (data.val_fraction=%s)", n_val, self.val_fraction)
+        if self.trainer is None or self.trainer.is_global_zero:
+            self.report()
+        for split, dataset in self.datasets.items():
+            if len(dataset) == 0:
+                raise DataError(
+                    f"data {split}: no pairs left after checking and truncation ({summary_line(dataset.meta)})"
+                )
+
+    def report(self) -> None:
+        """Log one summary line per split and copy skipped/dropped rows to the run folder."""
+        lines = []
+        for split in self.files:
+            if split in self.datasets and (self.datasets[split].meta["split"] == split):
+                log.info(summary_line(self.datasets[split].meta))
+                text = (self.datasets[split].folder / "bad_rows.jsonl").read_text(encoding="utf-8")
+                lines += text.split("\n")[:-1]  # not splitlines(): rows may hold U+2028 or U+0085
+        if lines and self.report_dir is not None:
+            self.report_dir.mkdir(parents=True, exist_ok=True)
+            (self.report_dir / "bad_rows.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            log.info("%d skipped or dropped rows listed in %s", len(lines), self.report_dir / "bad_rows.jsonl")
+
+    def _rank(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Training batches are shuffled and length-grouped; evaluation batches sorted by length."""
+        rank, world = self._rank()
+        dataset = self.datasets[split]
+        key, batch_size = (
+            ("data.batch_size", self.batch_size) if shuffle else ("data.eval_batch_size", self.eval_batch_size)
+        )
+        sampler = LengthGroupedBatchSampler(
+            dataset.lengths,
+            batch_size,
+            shuffle,
+            self.group_by_length,
+            self.group_batches,
+            self.seed,
+            rank,
+            world,
+            key,
+            max_tokens=None if shuffle else self.eval_max_tokens,
+        )
+        options = dict(
+            batch_sampler=sampler,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            # its own generator: starting an iterator draws a seed, which must not move the global one
+            # (dropout) and so make a resumed run differ from an uninterrupted one
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        if shuffle and self.resume is not None:
+            self._resume(sampler)
+        return DataLoader(dataset, **options)
+
+    def state_dict(self) -> dict[str, int]:
+        """The training data position, saved in every checkpoint. Lightning's own route (a stateful
+        DataLoader) is not taken: it loads the position only after the loader has been built."""
+        if self.trainer is None or "train" not in self.datasets:
+            return {}
+        return {
+            "epoch": self.trainer.current_epoch,
+            "batches_trained": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            "batches_per_epoch": -(-len(self.datasets["train"]) // self.batch_size),
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Called with a checkpoint's state before the training loader is built."""
+        self.resume = state or None
+
+    def _resume(self, sampler: LengthGroupedBatchSampler) -> None:
+        """Resuming mid-epoch: that epoch continues with the batches it had not trained yet, in the
+        same order, instead of starting over (and training its first batches twice)."""
+        state, self.resume = self.resume, None
+        if state["batches_per_epoch"] != len(sampler):
+            log.warning(
+                "resuming: the checkpoint's epoch had %d batches, the data now gives %d; "
+                "the interrupted epoch restarts from its first batch",
+                state["batches_per_epoch"],
+                len(sampler),
+            )
+            return
+        sampler.resume_at = (state["epoch"], state["batches_trained"])
+        if 0 < state["batches_trained"] < len(sampler):
+            log.info("resuming epoch %d after its first %d batches", state["epoch"], state["batches_trained"])
+
+    def counts(self) -> dict[str, int]:
+        """Pairs read, used, truncated, dropped and skipped per split, for the run's results."""
+        out: dict[str, int] = {}
+        for split, dataset in self.datasets.items():
+            out |= {f"data/{split}/{kind}": 0 for kind in ("read", "used", "truncated", "dropped", "skipped")}
+            if dataset.meta["split"] != split:  # val held out of train: counted under train
+                continue
+            for key, n in dataset.meta["counts"].items():
+                kind = key.split(":", 1)[0]
+                out[f"data/{split}/{kind}"] = out.get(f"data/{split}/{kind}", 0) + n
+        return out
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def has_test(self) -> bool:
+        return bool(self.files["test"])

@@ -1,0 +1,220 @@
+"""Scoring with an exported model folder, shared by `score`, `serve` and `export`'s self-check.
+
+Opening a folder runs no code from it: a native export loads with plain transformers, and one that
+carries rewardlab's `modeling_rewardlab.py` is opened only if that file is exactly what
+`rewardlab.export` writes for its backbone family; its classes then come from rewardlab itself, so
+no `trust_remote_code` is needed. Texts are formatted and truncated by `rewardlab.data.formatting`,
+as in training. No Lightning here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import sys
+import tempfile
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+from rewardlab.data.batching import pad_sequences
+from rewardlab.data.formatting import Formatter, truncate
+from rewardlab.data.rows import DataError
+
+log = logging.getLogger(__name__)
+
+MODELING_FILE = "modeling_rewardlab.py"
+AUTO_MAP = {
+    "AutoConfig": "modeling_rewardlab.RewardlabConfig",
+    "AutoModelForSequenceClassification": "modeling_rewardlab.RewardlabForSequenceClassification",
+}
+MODELING = '''"""A reward model written by rewardlab.export: the backbone's hidden state at the last
+non-padding token (found from the attention mask), through a linear head `score`. Used for
+families whose own *ForSequenceClassification reads another position. Its own model_type makes
+loading without trust_remote_code=True fail loudly instead of building an untrained model."""
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import {config_class} as _Config
+from transformers import {model_class} as _Model
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class RewardlabConfig(_Config):
+    model_type = "rewardlab_{family}"
+
+
+class RewardlabForSequenceClassification(PreTrainedModel):
+    config_class = RewardlabConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = _Model(config)
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None  # the reward reads the last token, not the [CLS] pooler
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:  # count real tokens only, so left padding gives the same reward
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            **kwargs).last_hidden_state
+        last = attention_mask.shape[-1] - 1 - attention_mask.flip(-1).int().argmax(-1)
+        logits = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        return SequenceClassifierOutput(logits=logits)
+'''
+
+
+class UntrustedExport(ValueError):
+    """An export folder that would make loading it run code rewardlab did not write."""
+
+
+def modeling_source(family: str) -> str:
+    """rewardlab's modeling file for a transformers backbone family (`bert`, `gpt2`, ...); the class
+    names come from transformers' own registry, never from a file."""
+    if family not in CONFIG_MAPPING:
+        raise UntrustedExport(f"unknown backbone family {family!r}")
+    config_class = CONFIG_MAPPING[family]
+    if config_class not in MODEL_MAPPING:
+        raise UntrustedExport(f"backbone family {family!r} has no base model class in transformers")
+    return MODELING.format(
+        config_class=config_class.__name__, model_class=MODEL_MAPPING[config_class].__name__, family=family
+    )
+
+
+def modeling_module(family: str) -> types.ModuleType:
+    """rewardlab's modeling classes for `family`, built from rewardlab's own template (written to a
+    private temporary file: transformers copies the source file of `sys.modules[cls.__module__]` when
+    saving, so the module is registered anew for each family)."""
+    path = Path(tempfile.mkdtemp(prefix="rewardlab-modeling-")) / MODELING_FILE
+    path.write_text(modeling_source(family))
+    spec = importlib.util.spec_from_file_location("modeling_rewardlab", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def open_export(folder: Path, trust_remote_code: bool, dtype: torch.dtype) -> tuple[PreTrainedModel, Any, dict]:
+    """(model in eval mode, tokenizer, config.json) of a `rewardlab.export` folder, without running any
+    code from it: a modeling file must be byte-identical to rewardlab's for its family, and a
+    tokenizer may not name code of its own, unless this command passes `trust_remote_code=true`."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"model_dir={folder}: no config.json (expected a rewardlab.export folder)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("rewardlab"), dict):
+        raise ValueError(f"model_dir={folder}: not written by rewardlab.export (no 'rewardlab' in config.json)")
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file() and "auto_map" in tokenizer_config.read_text(encoding="utf-8", errors="replace"):
+        if not trust_remote_code:
+            raise UntrustedExport(
+                f"{tokenizer_config}: names tokenizer code of its own (auto_map), which rewardlab.export never "
+                "writes; refusing to run it (pass trust_remote_code=true only if you trust this folder)"
+            )
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if "auto_map" not in config:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
+        return model.eval(), tokenizer, config
+    family = str(config.get("model_type", "")).removeprefix("rewardlab_")
+    modeling = folder / MODELING_FILE
+    try:
+        ours = config["auto_map"] == AUTO_MAP and modeling.read_text(encoding="utf-8") == modeling_source(family)
+    except (OSError, UnicodeDecodeError, UntrustedExport):
+        ours = False
+    if ours:
+        model = modeling_module(family).RewardlabForSequenceClassification.from_pretrained(folder, dtype=dtype)
+    elif trust_remote_code:
+        log.warning("%s: the modeling code is not rewardlab's; running it because trust_remote_code=true", folder)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True, dtype=dtype)
+    else:
+        raise UntrustedExport(
+            f"{folder}: config.json's auto_map or {MODELING_FILE} is not what rewardlab.export writes for "
+            f"model_type {config.get('model_type')!r}; loading it would run code from the folder, so nothing was "
+            "loaded (pass trust_remote_code=true only if you trust this folder)"
+        )
+    return model.eval(), tokenizer, config
+
+
+class Scorer:
+    """An exported model folder: formats and tokenizes like training, scores in length-sorted batches."""
+
+    def __init__(self, model_dir: str, trust_remote_code: bool, batch_size: int, dtype: str = "float32"):
+        self.model, self.tokenizer, config = open_export(Path(model_dir), trust_remote_code, getattr(torch, dtype))
+        self.info = config["rewardlab"]
+        self.mean, self.std = config.get("reward_mean"), config.get("reward_std")
+        self.formatter = Formatter(self.tokenizer, self.info["format"], self.info["chat_template"])
+        self.max_length, self.batch_size = self.info["max_length"], batch_size
+
+    def exact(self, ids: list[int]) -> tuple[str, list[int]]:
+        """The text of truncated ids, re-tokenized so that text -> ids holds exactly (a cut can
+        split a merge); still within max_length."""
+        for _ in range(4):
+            text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            again = self.formatter.encode([text])[0]
+            if len(again) <= self.max_length:
+                return text, again
+            n = self.formatter.n_protected
+            ids = again[:n] + again[n + len(again) - self.max_length :]
+        raise DataError(f"cannot fit this text into max_length={self.max_length} tokens reproducibly")
+
+    def encode(self, prompt: str | list[dict], response: str | list[dict]) -> tuple[str, list[int]]:
+        """Format (prompt, response) as in training and truncate it the same way: prompt first."""
+        head, full = self.formatter.texts(prompt, response)
+        ids = self.formatter.encode([full])[0]
+        if len(ids) <= self.max_length:
+            return full, ids
+        n_prompt = len(self.formatter.encode([head])[0])
+        ids = truncate(ids, ids, n_prompt, self.formatter.n_protected, self.max_length)[0]
+        return self.exact(ids)
+
+    def encode_text(self, text: str) -> tuple[str, list[int]]:
+        """An already formatted text (prompt and response), as PPO loops send it: padding removed,
+        tokenized as is, the start cut (after BOS) when too long."""
+        if self.tokenizer.pad_token:
+            text = text.replace(self.tokenizer.pad_token, "")
+        ids = self.formatter.encode([text])[0]
+        if len(ids) <= self.max_length:
+            return text, ids
+        n = self.formatter.n_protected
+        return self.exact(ids[:n] + ids[n + len(ids) - self.max_length :])
+
+    @torch.inference_mode()
+    def score(self, sequences: list[list[int]], progress: Any = None) -> np.ndarray:
+        """Rewards of token id sequences, computed in batches of similar length, in input order;
+        `progress` (a rich Progress) advances as batches finish."""
+        rewards = np.zeros(len(sequences))
+        order = np.argsort([-len(s) for s in sequences], kind="stable")
+        task = progress.add_task("scoring", total=len(sequences)) if progress else None
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            input_ids, mask = pad_sequences([sequences[i] for i in chunk], self.tokenizer.pad_token_id)
+            logits = self.model(input_ids=input_ids.to(self.model.device), attention_mask=mask.to(self.model.device))
+            rewards[chunk] = logits.logits[:, 0].float().cpu().numpy()
+            if progress:
+                progress.advance(task, len(chunk))
+        return rewards
+
+    def normalized(self, reward: float) -> float | None:
+        return (reward - self.mean) / self.std if self.mean is not None and self.std else None
