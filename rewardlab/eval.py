@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rewardlab.data.cache import PairDataset
 from rewardlab.run import finish_loggers, load_run, score_pairs, split_datamodule
+from rewardlab.runfolder import claimed
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,8 @@ def evaluate(cfg: DictConfig, data_overrides: list[str]) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg, [o for o in HydraConfig.get().overrides.task if o.startswith("data.")])
+    with claimed(cfg, results="eval.json"):
+        evaluate(cfg, [o for o in HydraConfig.get().overrides.task if o.startswith("data.")])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,13 @@ from rewardlab import __version__
 from rewardlab.data.batching import pad_sequences
 from rewardlab.model import RewardModel
 from rewardlab.run import load_run, score_pairs, split_datamodule
+from rewardlab.runfolder import claimed
 from rewardlab.scoring import modeling_module
 
 log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<|reward_pad|>"
+EXPORT_FILE = "rewardlab_export.json"
 
 
 def merged_backbone(model: RewardModel) -> PreTrainedModel:
@@ -129,12 +133,9 @@ def prepare(
 
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Write the Hugging Face folder and return what was written into its `config.rewardlab`."""
-    run_cfg, model, tokenizer = load_run(cfg.ckpt_path, cfg.allow_targets, cfg.trust_remote_code, cfg.paths.cache_dir)
     out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"output_dir={out} is not empty; set overwrite=true to replace it")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    check_output_dir(out, Path(cfg.ckpt_path), cfg.overwrite)
+    run_cfg, model, tokenizer = load_run(cfg.ckpt_path, cfg.allow_targets, cfg.trust_remote_code, cfg.paths.cache_dir)
     split = cfg.normalize_split
     datamodule = split_datamodule(run_cfg.data, split, tokenizer, f"{cfg.paths.cache_dir}/tokenized", None)
     dataset = datamodule.datasets[split]
@@ -174,6 +175,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "chat_template": settings.chat_template,
         "max_length": settings.max_length,
         "truncation": settings.truncation,
+        "special_tokens_in_text": settings.special_tokens_in_text,
         "remote_code": remote,
         "normalization": {"split": split, "source": dataset.meta["source"], "responses": int(len(rewards))},
         "parity_max_abs_diff": diff,
@@ -184,36 +186,69 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     if settings.chat_template:
         tokenizer.chat_template = settings.chat_template
     tokenizer.padding_side = "right"
-    hf.to(getattr(torch, cfg.dtype)).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    log.info(
-        "exported %s (%s, parity %.1e, reward mean %.3f std %.3f) to %s",
-        type(hf).__name__,
-        "remote code" if remote else "native",
-        diff,
-        hf.config.reward_mean,
-        hf.config.reward_std,
-        out,
-    )
-    (out / "rewardlab_export.json").write_text(
-        json.dumps(
-            {
-                **info,
-                "architecture": type(hf).__name__,
-                "reward_mean": hf.config.reward_mean,
-                "reward_std": hf.config.reward_std,
-                "pad_token": tokenizer.pad_token,
-            },
-            indent=2,
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        hf.to(getattr(torch, cfg.dtype)).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        log.info(
+            "exported %s (%s, parity %.1e, reward mean %.3f std %.3f) to %s",
+            type(hf).__name__,
+            "remote code" if remote else "native",
+            diff,
+            hf.config.reward_mean,
+            hf.config.reward_std,
+            out,
         )
-        + "\n"
-    )
+        (tmp / EXPORT_FILE).write_text(
+            json.dumps(
+                {
+                    **info,
+                    "architecture": type(hf).__name__,
+                    "reward_mean": hf.config.reward_mean,
+                    "reward_std": hf.config.reward_std,
+                    "pad_token": tokenizer.pad_token,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        replace_folder(tmp, out)
+    finally:  # gone once renamed into place; removes a half-written export after an error
+        shutil.rmtree(tmp, ignore_errors=True)
     return info
+
+
+def check_output_dir(out: Path, ckpt_path: Path, overwrite: bool) -> None:
+    """Before any work: an export replaces only an earlier export (with `overwrite`), never other files,
+    and never a folder holding the checkpoint it reads."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir={out} is a file, not a folder")
+    if ckpt_path.resolve().is_relative_to(out.resolve()):
+        raise FileExistsError(f"output_dir={out} holds the checkpoint being exported ({ckpt_path}); choose another")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"output_dir={out} is not empty; set overwrite=true to replace an earlier export")
+        if not (out / EXPORT_FILE).is_file():
+            raise FileExistsError(
+                f"output_dir={out} holds files that are not a rewardlab export (no {EXPORT_FILE}); "
+                "overwrite=true replaces only an earlier export"
+            )
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Put the finished export in place: the earlier one, if any, is removed only once the new one is there."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    export(cfg)
+    with claimed(cfg, results=None):
+        export(cfg)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,22 @@ from __future__ import annotations
 import netrc
 import os
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
+
+from rewardlab.redaction import redacted_argv
+
+
+class RedactedWandbLogger(WandbLogger):
+    """wandb records the command line in each run's metadata: it sees it with secrets masked."""
+
+    @property
+    def experiment(self) -> Any:
+        if self._experiment is not None:
+            return super().experiment
+        with redacted_argv():  # the run starts now
+            return super().experiment
 
 
 def has_wandb_credentials() -> bool:
@@ -41,7 +55,7 @@ def wandb(
         ("online" if has_wandb_credentials() else "offline") if mode == "auto" else mode
     )
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
+    return RedactedWandbLogger(
         save_dir=save_dir,
         project=project,
         entity=entity,

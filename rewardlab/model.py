@@ -148,6 +148,7 @@ class RewardModel(L.LightningModule):
         self.val_acc_best.persistent(True)  # in checkpoints: a resumed run remembers the best so far
         self.skip_nonfinite, self.skipped_nonfinite = skip_nonfinite, 0
         self.run_config: dict[str, Any] | None = None
+        self.apply_settings_on_resume = False  # set when a run resumes with resume.allow_changes
         self.train()  # from_pretrained returns eval mode; Lightning keeps the mode it finds
 
     def train(self, mode: bool = True) -> RewardModel:
@@ -254,6 +255,22 @@ class RewardModel(L.LightningModule):
                 folder, dataset.seq_lengths.ravel(), hidden, per_token=self.trunk.n_frozen is not None
             )
         log.info("feature cache on for the frozen trunk (%s): %s", self.trunk, self.feature_cache_dir)
+
+    def on_train_start(self) -> None:
+        """A run resumed with changed optimizer or schedule settings: the checkpoint restored the old
+        learning rates and hyperparameters into the optimizer; put the configured ones in their place
+        (the schedule's shape comes from the config already, its step count from the checkpoint)."""
+        if not self.apply_settings_on_resume:
+            return
+        configured = self.optimizer_factory(params=self.parameter_groups()).param_groups
+        optimizer = self.trainer.optimizers[0]
+        for group, new in zip(optimizer.param_groups, configured):
+            group.update({k: v for k, v in new.items() if k != "params"}, initial_lr=new["lr"])
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.base_lrs = [g["lr"] for g in configured]
+            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
 
     def on_train_end(self) -> None:
         if self.trainer.world_size == 1:
@@ -413,3 +430,10 @@ class RewardModel(L.LightningModule):
             if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
         self.skipped_nonfinite = checkpoint.get("skipped_nonfinite", 0)
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        epochs, batches = loop.get("epoch_progress", {}).get("current"), loop.get("epoch_loop.batch_progress")
+        if epochs and batches and epochs["started"] == epochs["completed"]:
+            # Saved after its epoch ended (max_steps on the epoch's last batch): the next epoch has not
+            # started, but Lightning would count the finished epoch's batches against it and skip it.
+            batches["current"] = dict.fromkeys(batches["current"], 0)
+            batches["is_last_batch"] = False

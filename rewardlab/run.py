@@ -15,14 +15,18 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from rewardlab.checks import ConfigError, check_max_length, check_types
 from rewardlab.data.formatting import ensure_pad_token
 from rewardlab.data.module import PreferenceDataModule
+from rewardlab.data.rows import DataError
+from rewardlab.freeze import FreezeError
 from rewardlab.model import RewardModel
 from rewardlab.redaction import redact
 
@@ -31,11 +35,23 @@ log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 # Groups a checkpoint's model is rebuilt from; nothing else of its stored config is ever built.
 MODEL_GROUPS = ("backbone", "model", "loss", "optimizer", "scheduler", "freeze")
+BUILT_GROUPS = (*MODEL_GROUPS, "data", "trainer", "callbacks", "logger")
 CONFIG_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
 
 class UntrustedCheckpoint(ValueError):
     """A checkpoint whose stored config names something rewardlab would not build on its own."""
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, except that rewardlab's own errors about a setting reach the user
+    as they are (one line naming the key), not wrapped in Hydra's instantiation error."""
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ConfigError, DataError, FreezeError)):
+            raise e.__cause__ from None
+        raise
 
 
 def build_model(cfg: DictConfig, backbone: Any) -> RewardModel:
@@ -53,8 +69,12 @@ def build_model(cfg: DictConfig, backbone: Any) -> RewardModel:
 
 
 def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
-    """The data and the model, from `cfg.backbone`, `cfg.data`, `cfg.model` and its groups."""
+    """The data and the model, from `cfg.backbone`, `cfg.data`, `cfg.model` and its groups; every
+    setting is checked against what its target accepts before anything is built."""
+    for group in BUILT_GROUPS:
+        check_types(cfg.get(group), group)
     backbone = instantiate(cfg.backbone)
+    check_max_length(cfg.data.max_length, backbone.model.config)
     return instantiate(cfg.data, tokenizer=backbone.tokenizer), build_model(cfg, backbone.model)
 
 
@@ -107,7 +127,7 @@ def checked_config(stored: Any, source: str, allow_targets: Iterable[str], trust
     def clean(node: Any, key: str) -> Any:
         if isinstance(node, dict):
             target = node.get("_target_")
-            if target is not None and target not in allowed:
+            if "_target_" in node and not (isinstance(target, str) and target in allowed):
                 raise UntrustedCheckpoint(
                     f"{source}: key '{key}._target_' names {target!r}, which is not one of rewardlab's own "
                     f"targets; nothing was built. If you trained with it yourself, allow it on this command "

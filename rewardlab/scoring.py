@@ -164,30 +164,24 @@ class Scorer:
         self.model, self.tokenizer, config = open_export(Path(model_dir), trust_remote_code, getattr(torch, dtype))
         self.info = config["rewardlab"]
         self.mean, self.std = config.get("reward_mean"), config.get("reward_std")
-        self.formatter = Formatter(self.tokenizer, self.info["format"], self.info["chat_template"])
         self.max_length, self.batch_size = self.info["max_length"], batch_size
-
-    def exact(self, ids: list[int]) -> tuple[str, list[int]]:
-        """The text of truncated ids, re-tokenized so that text -> ids holds exactly (a cut can
-        split a merge); still within max_length."""
-        for _ in range(4):
-            text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            again = self.formatter.encode([text])[0]
-            if len(again) <= self.max_length:
-                return text, again
-            n = self.formatter.n_protected
-            ids = again[:n] + again[n + len(again) - self.max_length :]
-        raise DataError(f"cannot fit this text into max_length={self.max_length} tokens reproducibly")
+        self.formatter = Formatter(
+            self.tokenizer,
+            self.info["format"],
+            self.info["chat_template"],
+            self.max_length,
+            self.info["special_tokens_in_text"],
+        )
 
     def encode(self, prompt: str | list[dict], response: str | list[dict]) -> tuple[str, list[int]]:
-        """Format (prompt, response) as in training and truncate it the same way: prompt first."""
-        head, full = self.formatter.texts(prompt, response)
-        ids = self.formatter.encode([full])[0]
-        if len(ids) <= self.max_length:
-            return full, ids
-        n_prompt = len(self.formatter.encode([head])[0])
-        ids = truncate(ids, ids, n_prompt, self.formatter.n_protected, self.max_length)[0]
-        return self.exact(ids)
+        """Format (prompt, response) and truncate it exactly as training does (the same ids a pair of
+        the training data gets). The text is the formatted string, or the kept tokens decoded when the
+        pair was cut to max_length."""
+        encoded = self.formatter.encode_items([(prompt, response)])[0]
+        if isinstance(encoded, str):
+            raise DataError(encoded)
+        ids = truncate(encoded.ids, encoded.ids, encoded.n_prompt, self.formatter.n_protected, self.max_length)[0]
+        return self._text(prompt, response, ids, cut=ids != encoded.ids), ids
 
     def encode_text(self, text: str) -> tuple[str, list[int]]:
         """An already formatted text (prompt and response), as PPO loops send it: padding removed,
@@ -198,7 +192,13 @@ class Scorer:
         if len(ids) <= self.max_length:
             return text, ids
         n = self.formatter.n_protected
-        return self.exact(ids[:n] + ids[n + len(ids) - self.max_length :])
+        ids = ids[:n] + ids[n + len(ids) - self.max_length :]
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), ids
+
+    def _text(self, prompt: str | list[dict], response: str | list[dict], ids: list[int], cut: bool) -> str:
+        if cut:
+            return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self.formatter.texts(prompt, response)[1]
 
     @torch.inference_mode()
     def score(self, sequences: list[list[int]], progress: Any = None) -> np.ndarray:

@@ -23,11 +23,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from rewardlab.callbacks import Throughput
+from rewardlab.checks import ConfigError
 from rewardlab.data.module import PreferenceDataModule
 from rewardlab.data.rows import DataError
+from rewardlab.freeze import FreezeError
 from rewardlab.model import RewardModel
 from rewardlab.redaction import redact
 from rewardlab.run import build, build_trainer, finish_loggers
+from rewardlab.runfolder import claimed
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +67,73 @@ def resume_path(cfg: DictConfig) -> str | None:
     return str(cfg.ckpt_path)
 
 
+# Settings a resumed run may change without asking: where files go and how fast it runs, not what it learns.
+FREE_ON_RESUME = {
+    "data.cache_dir",
+    "data.report_dir",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "data.eval_max_tokens",
+    "backbone.cache_dir",
+    "model.feature_cache_dir",
+    "model.compile",
+    "model.gradient_checkpointing",
+    "model.checkpoint_above_tokens",
+}
+COMPARED_ON_RESUME = ("seed", "data", "backbone", "loss", "freeze", "optimizer", "scheduler", "model")
+TRAINER_ON_RESUME = ("precision", "gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
+TRAINER_ON_RESUME += ("max_epochs", "max_steps")
+# Changes a checkpoint's weights or optimizer state cannot take, even when asked for.
+FIXED_ON_RESUME = ("backbone.", "freeze.", "optimizer._target_")
+
+
+def _flat(node: Any, key: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for name, value in node.items() for k, v in _flat(value, f"{key}.{name}" if key else name).items()}
+    return {key: node}
+
+
+def resume_changes(cfg: DictConfig, ckpt_path: str) -> list[str]:
+    """What this command would train differently from the checkpoint's run, as `key: old -> new`.
+    Refused unless `resume.allow_changes=true`; changes the weights or the optimizer state cannot
+    take (another backbone, freezing strategy or optimizer) are refused even then."""
+    stored = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True).get("rewardlab_config") or {}
+    current = redact(OmegaConf.to_container(cfg, resolve=True))
+    keep = set(COMPARED_ON_RESUME) | {f"trainer.{k}" for k in TRAINER_ON_RESUME}
+
+    def compared(config: dict[str, Any]) -> dict[str, Any]:
+        flat = _flat({k: v for k, v in config.items() if k in COMPARED_ON_RESUME or k == "trainer"})
+        return {k: v for k, v in flat.items() if k not in FREE_ON_RESUME and (k in keep or k.split(".")[0] in keep)}
+
+    before, after = compared(stored), compared(current)
+    changes = [
+        f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(before | after) if before.get(k) != after.get(k)
+    ]
+    if not changes:
+        return []
+    fixed = [c for c in changes if c.startswith(FIXED_ON_RESUME)]
+    if fixed or not cfg.resume.allow_changes:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path}: this command would train differently from the run it resumes:\n  "
+            + "\n  ".join(changes)
+            + (
+                "\nthe checkpoint's weights or optimizer state cannot take these: " + ", ".join(fixed)
+                if fixed
+                else "\nresume with the same settings, or set resume.allow_changes=true to apply the new ones"
+            )
+        )
+    log.warning("resuming with changed settings (resume.allow_changes=true):\n  %s", "\n  ".join(changes))
+    return changes
+
+
 def fit_and_test(
     cfg: DictConfig, trainer: L.Trainer, datamodule: PreferenceDataModule, model: RewardModel
 ) -> dict[str, Any]:
     """Fit, then test the best checkpoint when there is a test split; the metrics of both."""
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
+    ckpt_path = resume_path(cfg)
+    if ckpt_path is not None and resume_changes(cfg, ckpt_path):
+        model.apply_settings_on_resume = True
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     results: dict[str, Any] = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.test and datamodule.has_test():
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -81,8 +146,17 @@ def fit_and_test(
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit (and test) as configured; write and return `results.json`. The experiment loggers are
-    always closed with the run's exit status, and a failure is logged to the run's log file."""
+    """Fit (and test) as configured in a run folder this process holds; write and return
+    `results.json`. A finished run resumed again is left as it is (its results are returned)."""
+    with claimed(cfg, "results.json", resuming=cfg.ckpt_path is not None) as finished:
+        if finished:
+            return json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
+    """The experiment loggers are always closed with the run's exit status, and a failure is logged
+    to the run's log file."""
     started = time.time()
     loggers: list[Logger] = []
     try:
@@ -127,7 +201,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         finish_loggers(loggers, exit_code=PREEMPTED_EXIT_CODE)
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except BaseException as e:
-        log.error("run failed: %s: %s", type(e).__name__, e, exc_info=not isinstance(e, DataError))
+        user_error = isinstance(e, (DataError, ConfigError, FreezeError))
+        log.error("run failed: %s: %s", type(e).__name__, redact(str(e)), exc_info=not user_error)
         finish_loggers(loggers, exit_code=1)
         raise
     finish_loggers(loggers, exit_code=0)

@@ -55,9 +55,10 @@ def compose_config(name: str, overrides: list[str], output_dir: Path, cache_dir:
 def make_cfg(tmp_path: Path, cache_dir: Path):
     """Compose conf/train.yaml with overrides, writing into a fresh run folder."""
 
-    def _make(*overrides: str, fast: bool = True) -> DictConfig:
+    def _make(*overrides: str, fast: bool = True, folder: str = "run") -> DictConfig:
+        """`folder`: the run folder's name under tmp_path (a folder holds one run)."""
         return compose_config(
-            "train", [*(FAST if fast else []), "logger=none", *overrides], tmp_path / "run", cache_dir
+            "train", [*(FAST if fast else []), "logger=none", *overrides], tmp_path / folder, cache_dir
         )
 
     return _make

@@ -45,3 +45,25 @@ class RecordGradNorms(Callback):
         if grads:
             with open(self.path, "a") as f:
                 f.write(f"{torch.stack(grads).norm().item()}\n")
+
+
+class RecordLearningRates(Callback):
+    """Append the learning rate of every parameter group, as each training batch starts, to `path`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        with open(self.path, "a") as f:
+            f.write(" ".join(str(g["lr"]) for g in trainer.optimizers[0].param_groups) + "\n")
+
+
+class FailAtEpoch(Callback):
+    """Raise when training reaches `epoch`, as a job preempted between epochs would stop."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError(f"preempted at the start of epoch {self.epoch}")

@@ -44,7 +44,7 @@ def local_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model saved as a normal Hugging Face folder, standing in for a hub name."""
     folder = tmp_path_factory.mktemp("local-model")
     torch.manual_seed(0)
-    bb = tiny("llama", 32, 2, 4, 64, 256, 0.0)
+    bb = tiny("llama", 32, 2, 4, 64, 512, 0.0)  # positions for the presets' max_length
     bb.model.save_pretrained(folder)
     bb.tokenizer.save_pretrained(folder)
     return folder
@@ -144,7 +144,7 @@ def test_csv_and_tensorboard_loggers_write_their_files(make_cfg):
     train(cfg)
     metrics = (Path(cfg.paths.output_dir) / "csv" / "version_0" / "metrics.csv").read_text()
     assert "train/loss_step" in metrics and "val/acc" in metrics
-    cfg = make_cfg("logger=tensorboard")
+    cfg = make_cfg("logger=tensorboard", folder="tensorboard")
     train(cfg)
     assert list(Path(cfg.paths.output_dir).glob("tensorboard/version_0/events.out.tfevents.*"))
 

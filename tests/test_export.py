@@ -1,12 +1,8 @@
-"""Evaluate, export, score and serve: plain transformers must give rewardlab's scores."""
+"""Evaluate, export and score: plain transformers must give rewardlab's scores (serving: test_serve.py)."""
 
 from __future__ import annotations
 
 import json
-import threading
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +15,6 @@ from rewardlab.eval import calibration, evaluate
 from rewardlab.export import PAD_TOKEN, choose_pad, export
 from rewardlab.run import load_run
 from rewardlab.score import score_file
-from rewardlab.serve import make_server
 from rewardlab.train import train
 
 from .conftest import compose_config
@@ -131,25 +126,6 @@ def test_pad_token_that_is_eos_is_replaced_by_one_that_never_occurs(tiny_tokeniz
     assert choose_pad(tok, seqs) is True and tok.pad_token == PAD_TOKEN and tok.pad_token_id == len(tok) - 1
 
 
-def test_scoring_pairs_and_bad_rows(trained, tmp_path, cache_dir):
-    export_to(trained["llama"], tmp_path / "export", cache_dir)
-    rows = [json.dumps(r) for r in quiz_rows(2)] + [
-        '{"prompt": "p", "response": ""}',
-        "{broken",
-        json.dumps({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}),
-    ]
-    (tmp_path / "in.jsonl").write_text("\n".join(rows) + "\n")
-    common = [f"model_dir={tmp_path / 'export'}", f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'o.jsonl'}"]
-    with pytest.raises(Exception, match=r"in\.jsonl:3: field 'response': empty response"):
-        score_file(compose_config("score", common, tmp_path / "s", cache_dir))
-    counts = score_file(compose_config("score", [*common, "on_bad_row=skip"], tmp_path / "s", cache_dir))
-    assert counts == {"rows": 5, "scored": 2, "errors": 3}
-    out = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
-    assert set(out[0]["reward"]) == {"chosen", "rejected"} and out[0]["prompt"] == quiz_rows(1)[0]["prompt"]
-    assert "empty response" in out[2]["error"] and "invalid JSON" in out[3]["error"]
-    assert "in.jsonl:5: field 'chosen': expected a string, got list" in out[4]["error"]
-
-
 def test_eval_is_independent_of_batch_size_and_padding_side(trained, tmp_path, cache_dir):
     results = {}
     for batch in (1, 16):
@@ -197,70 +173,6 @@ def test_calibration_by_hand():
     assert ece == pytest.approx(0.25 * abs(1 - 0.6) + 0.25 * abs(0 - 0.8) + 0.5 * abs(1 - 0.9))
 
 
-def post(url: str, payload: object) -> tuple[int, dict]:
-    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST"), timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def test_server_answers_openrlhf_requests_and_rejects_bad_ones(trained, tmp_path, cache_dir):
-    export_to(trained["llama"], tmp_path / "export", cache_dir)
-    cfg = compose_config(
-        "serve",
-        [f"model_dir={tmp_path / 'export'}", "port=0", "max_texts=8", "max_body_bytes=2000"],
-        tmp_path / "s",
-        cache_dir,
-    )
-    assert cfg.host == "127.0.0.1"
-    server = make_server(cfg)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
-            assert json.loads(r.read())["status"] == "ok"
-        texts = ["[BOS]Is 7 even or odd?[SEP]odd[EOS]", "[BOS]Is 7 even or odd?[SEP]even[EOS]"]
-        status, body = post(f"{url}/get_reward", {"query": texts})
-        _, model, tok = load_run(str(trained["llama"]))
-        with torch.no_grad():
-            expected = model(*pad_sequences([tok(t, add_special_tokens=False)["input_ids"] for t in texts], 0))
-        assert status == 200 and np.allclose(body["rewards"], expected.numpy(), atol=1e-4)
-        status, pair = post(f"{url}/get_reward", {"prompts": ["Is 7 even or odd?"], "responses": ["odd"]})
-        assert status == 200 and pair["rewards"][0] == pytest.approx(body["rewards"][0], abs=1e-5)
-        assert post(f"{url}/get_reward", {"query": []}) == (200, {"rewards": []})
-        assert post(f"{url}/get_reward", {"query": 5})[0] == 400
-        assert post(f"{url}/get_reward", b"{not json")[0] == 400
-        assert post(f"{url}/get_reward", {"prompts": ["a"], "responses": []})[0] == 400
-        assert post(f"{url}/get_reward", {"query": ["x"] * 9})[0] == 413
-        assert post(f"{url}/get_reward", {"query": ["x" * 3000]})[0] == 413
-        assert post(f"{url}/elsewhere", {"query": []})[0] == 404
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_server_answers_200_concurrent_requests_correctly(trained, tmp_path, cache_dir):
-    export_to(trained["llama"], tmp_path / "export", cache_dir)
-    cfg = compose_config("serve", [f"model_dir={tmp_path / 'export'}", "port=0"], tmp_path / "s", cache_dir)
-    server = make_server(cfg)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/get_reward"
-    texts = [f"[BOS]Is {i} even or odd?[SEP]{('odd', 'even')[i % 2]}[EOS]" for i in range(200)]
-    try:
-        with ThreadPoolExecutor(max_workers=200) as pool:  # all 200 in flight at once
-            answers = list(pool.map(lambda t: post(url, {"query": [t]}), texts))
-    finally:
-        server.shutdown()
-        server.server_close()
-    _, model, tok = load_run(str(trained["llama"]))
-    with torch.no_grad():
-        expected = model(*pad_sequences([tok(t, add_special_tokens=False)["input_ids"] for t in texts], 0))
-    assert [status for status, _ in answers] == [200] * 200
-    assert np.allclose([body["rewards"][0] for _, body in answers], expected.numpy(), atol=1e-4)
-
-
 def test_cli_chain_export_eval_score(trained, tmp_path):
     ckpt = trained["llama"]
     done = run_cli(
@@ -305,3 +217,27 @@ def test_trl_ppo_get_reward_reads_the_same_scores(family, trained, tmp_path, cac
         _, trl_scores, _ = utils.get_reward(hf, query_responses, tok.pad_token_id, len(prompt))
         ours = model(query_responses, (query_responses != tok.pad_token_id).long())
     assert torch.allclose(trl_scores, ours, atol=1e-4)
+
+
+def test_export_never_replaces_what_is_not_an_earlier_export(trained, tmp_path, cache_dir):
+    run = trained["llama"].parent.parent  # the run folder holding the checkpoint
+    with pytest.raises(FileExistsError, match="holds the checkpoint being exported"):
+        export_to(trained["llama"], run, cache_dir, "overwrite=true")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "paper.tex").write_text("months of work")
+    with pytest.raises(FileExistsError, match="not a rewardlab export"):
+        export_to(trained["llama"], other, cache_dir, "overwrite=true")
+    assert (other / "paper.tex").read_text() == "months of work"
+
+
+def test_a_failed_export_leaves_the_earlier_one_whole(trained, tmp_path, cache_dir):
+    out = tmp_path / "export"
+    export_to(trained["llama"], out, cache_dir)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        export_to(trained["llama"], out, cache_dir, "overwrite=true", "tolerance=-1")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-written folder left
+    export_to(trained["llama"], out, cache_dir, "overwrite=true")
+    assert (out / "rewardlab_export.json").exists()

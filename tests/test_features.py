@@ -83,6 +83,7 @@ def test_training_with_the_cache_matches_training_without(strategy, make_cfg, tm
             "trainer.limit_val_batches=3",
             "backbone.num_layers=3",
             f"model.feature_cache_dir={tmp_path / 'features'}",
+            folder=f"cache-{on}",
         )
         runs[on] = train(cfg)
     for key in ("val/loss", "val/acc", "train/loss", "test/acc"):
@@ -111,6 +112,7 @@ def test_cache_reused_by_a_later_run_and_off_when_dropout_is_active(make_cfg, tm
                 "model.disable_dropout=false",
                 "freeze=last_n",
                 *common[1:],
+                folder="dropout",
             )
         )
     assert "feature cache off: dropout is active in the frozen part (Dropout)" in caplog.text
@@ -124,6 +126,7 @@ def test_feature_cache_key_changes_with_the_frozen_weights(make_cfg, tmp_path):
                 f"seed={seed}",
                 "trainer.limit_train_batches=2",
                 f"model.feature_cache_dir={tmp_path / 'f'}",
+                folder=f"seed-{seed}",
             )
         )
     assert len([p for p in (tmp_path / "f").iterdir() if p.name.startswith("train")]) == 2

@@ -59,7 +59,7 @@ def test_every_row_read_is_used_or_reported(lines, tmp_path_factory, tiny_tokeni
     folder = tmp_path_factory.mktemp("prop")
     source = folder / "train.jsonl"
     source.write_bytes(b"".join(line + b"\n" for line in lines))
-    s = Settings("explicit", "sep", None, COLUMNS, 48, "truncate", "skip")
+    s = Settings("explicit", "sep", None, COLUMNS, 48, "truncate", "skip", "text")
     build_cache(str(source), "train", tiny_tokenizer, s, folder / "cache")
     dataset = PairDataset(folder / "cache")
     counts = dataset.meta["counts"]
@@ -242,13 +242,15 @@ def test_trainer_slurm_requeues_and_resumes_from_the_run_folder(make_cfg, monkey
         "SLURM_NODELIST": "localhost",
     }.items():
         monkeypatch.setenv(key, value)
-    cfg = make_cfg("trainer=slurm", "trainer.precision=32-true", "ckpt_path=last")
+    overrides = ["trainer=slurm", "trainer.precision=32-true", "ckpt_path=last", "trainer.max_epochs=2"]
+    cfg = make_cfg(*overrides, "+callbacks.stop._target_=tests.helpers.FailAtEpoch", "+callbacks.stop.epoch=1")
     trainer = build_trainer(cfg)
     env = trainer._accelerator_connector.cluster_environment
     assert isinstance(env, SLURMEnvironment) and env.auto_requeue and env.job_id() == 4242
-    assert train(cfg)["global_step"] == 4
-    again = make_cfg("trainer=slurm", "trainer.precision=32-true", "ckpt_path=last", "trainer.max_epochs=2")
-    assert train(again)["global_step"] == 8  # found last.ckpt of the same run folder, trained one more epoch
+    with pytest.raises(RuntimeError, match="preempted"):  # after epoch 0 and its last.ckpt
+        train(cfg)
+    assert train(make_cfg(*overrides))["global_step"] == 8  # the requeued job found last.ckpt, trained epoch 1
+    assert train(make_cfg(*overrides))["global_step"] == 8  # requeued once more: finished, left as it is
 
 
 # ------------------------------------------------------------------------------- non-finite loss
@@ -291,7 +293,7 @@ def test_gradients_are_clipped_by_default(make_cfg, tmp_path):
     train(cfg)
     clipped = [float(x) for x in log.read_text().split()]
     log.unlink()
-    train(make_cfg(*record, "optimizer.lr=0.05", "trainer.gradient_clip_val=null"))
+    train(make_cfg(*record, "optimizer.lr=0.05", "trainer.gradient_clip_val=null", folder="unclipped"))
     unclipped = [float(x) for x in log.read_text().split()]
     assert max(clipped) <= 1.0 + 1e-4 < max(unclipped)
 

@@ -22,10 +22,10 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from rewardlab.data.formatting import Formatter, resolve_format, truncate
-from rewardlab.data.rows import SCHEMAS, BadRow, DataError, Pair, check_row, detect_schema
-from rewardlab.data.sources import CHUNK_ROWS, read_source
+from rewardlab.data.rows import BadRow, DataError, Pair, check_row, decide_schema, split_schema
+from rewardlab.data.sources import CHUNK_ROWS, source_parts
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Settings:
     max_length: int
     truncation: str
     on_bad_row: str
+    special_tokens_in_text: str
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -77,19 +78,27 @@ def _chunks(rows: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
+def pair_hash(ids: bytes, n_chosen: int) -> int:
+    """A 64-bit fingerprint of a pair's token ids, to find pairs shared between splits."""
+    digest = hashlib.blake2b(ids, digest_size=8, key=n_chosen.to_bytes(4, "little")).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def make_formatter(tokenizer: PreTrainedTokenizerBase, s: Settings, schema: str) -> Formatter:
+    """The split's formatter: the format `auto` resolves to for this schema, and the settings."""
+    style = resolve_format(s.format, schema, tokenizer, s.chat_template)
+    return Formatter(tokenizer, style, s.chat_template, s.max_length, s.special_tokens_in_text)
+
+
 def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Settings, out: Path) -> None:
     """Read, check, tokenize and truncate one split into `out`, streaming in chunks so memory does
     not grow with the dataset. Written to a temporary folder and renamed, so concurrent jobs of a
-    sweep never see half a cache."""
-    if s.truncation not in ("truncate", "drop"):
-        raise DataError(f"data.truncation: unknown {s.truncation!r}; expected 'truncate' or 'drop'")
-    if s.on_bad_row not in ("error", "skip"):
-        raise DataError(f"data.on_bad_row: unknown {s.on_bad_row!r}; expected 'error' or 'skip'")
+    sweep never see half a cache. The settings were checked by the datamodule."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     counts: Counter[str] = Counter()
     lengths, prompt_lengths, rows_used, subsets = array("i"), array("i"), array("q"), array("i")
-    margins = array("f")
+    margins, pair_hashes = array("f"), array("q")
     subset_codes: dict[str, int] = {}
     schema = formatter = None
     try:
@@ -115,18 +124,20 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
                 )
 
             row_index = 0
-            for chunk in _chunks(read_source(spec, split), CHUNK_ROWS):
+            parts = source_parts(spec, split)  # each file's schema from all its rows: a first pass
+            choices = [decide_schema((r for _, r in p.rows()), s.columns, s.schema, p.name) for p in parts]
+            schema = split_schema(choices)
+            chat = any(c.schema == "conversational" for c in choices)
+            formatter = make_formatter(tokenizer, s, "conversational" if chat else schema)
+            rows = ((where, row, choice) for part, choice in zip(parts, choices) for where, row in part.rows())
+            for chunk in _chunks(rows, CHUNK_ROWS):
                 good: list[tuple[int, str, Any, Pair]] = []
-                for where, row in chunk:
+                for where, row, choice in chunk:
+                    if isinstance(row, BadRow) and row.code == "blank_line":
+                        counts["blank_lines"] += 1  # not a row: never stops training
+                        continue
                     counts["read"] += 1
-                    if schema is None and not isinstance(row, BadRow):
-                        schema = detect_schema(row, s.columns) if s.schema == "auto" else s.schema
-                        if schema not in SCHEMAS:
-                            raise DataError(f"data.schema: unknown {schema!r}; expected auto or one of {SCHEMAS}")
-                        formatter = Formatter(
-                            tokenizer, resolve_format(s.format, schema, tokenizer, s.chat_template), s.chat_template
-                        )
-                    result = check_row(row, where, schema or "explicit", s.columns)
+                    result = check_row(row, where, choice, s.columns)
                     if isinstance(result, BadRow):
                         if s.on_bad_row == "error":
                             raise DataError(
@@ -139,16 +150,21 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
                     row_index += 1
                 if not good:
                     continue
-                heads, chosen_texts, rejected_texts = [], [], []
-                for *_, p in good:
-                    head, chosen_text = formatter.texts(p.prompt, p.chosen)
-                    heads.append(head)
-                    chosen_texts.append(chosen_text)
-                    rejected_texts.append(formatter.texts(p.prompt, p.rejected)[1])
-                encoded = zip(
-                    formatter.encode(chosen_texts), formatter.encode(rejected_texts), map(len, formatter.encode(heads))
+                encoded = formatter.encode_items(
+                    [(p.prompt, side) for *_, p in good for side in (p.chosen, p.rejected)]
                 )
-                for (index, where, row, p), (c, r, n_prompt) in zip(good, encoded):
+                for k, (index, where, row, p) in enumerate(good):
+                    chosen, rejected = encoded[2 * k], encoded[2 * k + 1]
+                    if isinstance(chosen, str) or isinstance(rejected, str):
+                        field = s.columns["chosen" if isinstance(chosen, str) else "rejected"]
+                        bad_row = BadRow(
+                            where, field, "special_token", chosen if isinstance(chosen, str) else rejected, row
+                        )
+                        if s.on_bad_row == "error":
+                            raise DataError(f"{bad_row.message()} (data.on_bad_row=skip skips such rows)")
+                        reject(bad_row, "skipped")
+                        continue
+                    c, r, n_prompt = chosen.ids, rejected.ids, min(chosen.n_prompt, rejected.n_prompt)
                     if max(len(c), len(r)) > s.max_length and s.truncation == "drop":
                         reject(
                             BadRow(
@@ -177,7 +193,9 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
                     if cut:
                         counts[f"truncated:{cut}"] += 1
                     counts["used"] += 1
-                    ids_file.write(np.asarray(c + r, dtype=np.int32).tobytes())
+                    pair = np.asarray(c + r, dtype=np.int32).tobytes()
+                    ids_file.write(pair)
+                    pair_hashes.append(pair_hash(pair, len(c)))
                     lengths.extend((len(c), len(r)))
                     prompt_lengths.append(min(n_prompt, len(c), len(r)))
                     margins.append(p.margin)
@@ -188,6 +206,7 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
         np.save(tmp / "margin.npy", np.frombuffer(margins, dtype=np.float32))
         np.save(tmp / "row.npy", np.frombuffer(rows_used, dtype=np.int64))
         np.save(tmp / "subset.npy", np.frombuffer(subsets, dtype=np.int32))
+        np.save(tmp / "pair_hash.npy", np.frombuffer(pair_hashes, dtype=np.int64))
         meta = {
             "source": spec,
             "split": split,
@@ -206,7 +225,7 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
 
 
 def summary_line(meta: dict[str, Any]) -> str:
-    """One line per split: pairs read, used, truncated, dropped and skipped, with reasons."""
+    """One line per split: pairs read, used, truncated, dropped and skipped, with reasons; blank lines."""
     counts = meta["counts"]
 
     def group(prefix: str) -> tuple[int, str]:
@@ -219,8 +238,9 @@ def summary_line(meta: dict[str, Any]) -> str:
     return (
         f"data {meta['split']}: {counts.get('read', 0)} pairs read from {meta['source']}, "
         f"{counts.get('used', 0)} used; {truncated} truncated ({t_why or 'none'}), "
-        f"{dropped} dropped ({d_why or 'none'}), {skipped} bad rows skipped ({s_why or 'none'}) "
-        f"[schema {meta['schema']}, format {meta['format']}]"
+        f"{dropped} dropped ({d_why or 'none'}), {skipped} bad rows skipped ({s_why or 'none'})"
+        + (f", {counts['blank_lines']} blank lines ignored" if counts.get("blank_lines") else "")
+        + f" [schema {meta['schema']}, format {meta['format']}]"
     )
 
 
@@ -239,6 +259,7 @@ class PairDataset(Dataset):
         self.margin = np.load(folder / "margin.npy")
         self.row = np.load(folder / "row.npy")
         self.subset = np.load(folder / "subset.npy")
+        self.pair_hash = np.load(folder / "pair_hash.npy")
         self.index = np.arange(len(self.margin)) if index is None else index
         self.lengths = self.seq_lengths.max(axis=1)[self.index]
 

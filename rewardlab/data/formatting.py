@@ -6,6 +6,8 @@ serving and export alike. `sep`: `{BOS}prompt{SEP}response{EOS}`; `plain`: `{BOS
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
@@ -14,6 +16,7 @@ from rewardlab.data.rows import DataError, common_prefix
 log = logging.getLogger(__name__)
 
 FORMATS = ("sep", "chat", "plain")
+SPECIAL_TOKENS_IN_TEXT = ("text", "bad_row")
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -27,6 +30,15 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     log.info("tokenizer has no pad token: padding with %r (padding is masked, never scored)", fallback)
 
 
+@dataclass
+class Encoded:
+    """The token ids of one formatted (prompt, response), before truncation, and how many of them
+    are the prompt part (BOS, prompt, separator or the template's generation prompt)."""
+
+    ids: list[int]
+    n_prompt: int
+
+
 class Formatter:
     """Renders (prompt, response) as text and tokenizes it exactly as it will be scored.
 
@@ -34,12 +46,30 @@ class Formatter:
     added; `chat`: the chat template. `{BOS}` is whatever the tokenizer itself puts first ([CLS],
     <s>, ...); a tokenizer without EOS ends with the special token it appends (BERT's [SEP]).
     Texts are tokenized with `add_special_tokens=False`, so `text` -> ids is reproducible.
+
+    User text never becomes a control token: a literal `[SEP]` or `<|im_end|>` inside a prompt or
+    response is tokenized as the characters it is (`special_tokens_in_text="text"`), or makes the
+    pair a bad row (`"bad_row"`). With `max_length`, a text far longer than any `max_length` tokens
+    can cover is cut to the end that truncation keeps before it is tokenized, so one huge row costs
+    memory in proportion to `max_length`, not to its size.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, style: str, chat_template: str | None = None):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        style: str,
+        chat_template: str | None = None,
+        max_length: int | None = None,
+        special_tokens_in_text: str = "text",
+    ):
         if style not in FORMATS:
             raise DataError(f"data.format: unknown {style!r}; expected auto or one of {FORMATS}")
-        self.tokenizer, self.style = tokenizer, style
+        if special_tokens_in_text not in SPECIAL_TOKENS_IN_TEXT:
+            raise DataError(
+                f"data.special_tokens_in_text: unknown {special_tokens_in_text!r}; "
+                f"expected one of {', '.join(SPECIAL_TOKENS_IN_TEXT)}"
+            )
+        self.tokenizer, self.style, self.special_policy = tokenizer, style, special_tokens_in_text
         self.chat_template = chat_template or tokenizer.chat_template
         with_specials = tokenizer("x")["input_ids"]
         bare = tokenizer("x", add_special_tokens=False)["input_ids"]
@@ -56,15 +86,25 @@ class Formatter:
             raise DataError("data.format=chat: the tokenizer has no chat template; set data.chat_template")
         if style != "chat" and not self.eos:
             raise DataError(f"data.format={style}: the tokenizer has no EOS token and appends none")
+        specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len)
+        self.specials = re.compile("|".join(re.escape(t) for t in reversed(specials))) if specials else None
+        longest_token = max(map(len, tokenizer.get_vocab()), default=1)
+        self.max_chars = 2 * max_length * max(longest_token, 16) if max_length else None
+        if max_length is not None:
+            smallest = len(self.encode_items([("", "x")])[0].ids)
+            if max_length < smallest:
+                raise DataError(
+                    f"data.max_length={max_length} leaves no room for a response: the format alone takes "
+                    f"{smallest} tokens for an empty prompt and a one-character response; "
+                    f"set data.max_length >= {smallest}"
+                )
 
     def texts(self, prompt: str | list[dict], response: str | list[dict]) -> tuple[str, str]:
         """Return (prompt part, full text); the full text starts with the prompt part."""
         if self.style == "chat":
-            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            response = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
-            render = self.tokenizer.apply_chat_template
-            head = render(prompt, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True)
-            full = render(prompt + response, chat_template=self.chat_template, tokenize=False)
+            messages, n = self._messages(prompt, response)
+            head = self._render(messages[:n], generation_prompt=True)
+            full = self._render(messages)
             return head[: common_prefix(head, full)], full
         if not isinstance(prompt, str) or not isinstance(response, str):
             raise DataError(f"data.format={self.style} needs string data; conversational data needs format=chat")
@@ -72,8 +112,101 @@ class Formatter:
         return head, head + response + self.eos
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids in full; `truncate` cuts them to max_length (so no "longer than" warning here)."""
+        """Token ids of already formatted texts, as they are (their special tokens are the format's)."""
         return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def special_token_in(self, prompt: str | list[dict], response: str | list[dict]) -> str | None:
+        """The first special token (e.g. `[SEP]`) written literally in the user's text, if any."""
+        if self.specials is None:
+            return None
+        for part in (prompt, response):
+            for text in [part] if isinstance(part, str) else [m["content"] for m in part]:
+                if found := self.specials.search(text):
+                    return found.group()
+        return None
+
+    def encode_items(self, items: list[tuple[str | list[dict], str | list[dict]]]) -> list[Encoded | str]:
+        """Encode (prompt, response) items in one batch: an `Encoded` each, or, for an item this
+        formatter refuses, the reason (a special token written in its text, with `bad_row`)."""
+        items = [(self._cut(p), self._cut(r)) for p, r in items]
+        out: list[Encoded | str | None] = [None] * len(items)
+        plain = []
+        for i, (prompt, response) in enumerate(items):
+            token = self.special_token_in(prompt, response)
+            if token is None:
+                plain.append(i)
+            elif self.special_policy == "bad_row":
+                out[i] = (
+                    f"contains the tokenizer's special token {token!r} as text (data.special_tokens_in_text=bad_row)"
+                )
+            else:
+                out[i] = self._encode_segments(prompt, response)
+        texts = [self.texts(*items[i]) for i in plain]
+        ids = self.encode([full for _, full in texts] + [head for head, _ in texts]) if plain else []
+        for k, i in enumerate(plain):
+            out[i] = Encoded(ids[k], len(ids[len(plain) + k]))
+        return out
+
+    def _cut(self, part: str | list[dict]) -> str | list[dict]:
+        """A text longer than `max_chars` keeps its last `max_chars` characters: more than `max_length`
+        tokens' worth, and the end is what truncation keeps (of a prompt and of a response alike)."""
+        if self.max_chars is None:
+            return part
+        if isinstance(part, str):
+            return part[-self.max_chars :]
+        return [
+            m if len(m["content"]) <= self.max_chars else {**m, "content": m["content"][-self.max_chars :]}
+            for m in part
+        ]
+
+    def _messages(self, prompt: str | list[dict], response: str | list[dict]) -> tuple[list[dict], int]:
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        response = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
+        return prompt + response, len(prompt)
+
+    def _render(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def _segments(self, prompt: str | list[dict], response: str | list[dict]) -> list[tuple[str, bool]]:
+        """The full text as (piece, is user text) pieces. For a chat template the messages' places are
+        found by rendering placeholders; a template that alters message text cannot be split."""
+        if self.style != "chat":
+            head, _ = self.texts(prompt, response)
+            sep = head[len(self.bos) + len(prompt) :]
+            return [(self.bos, False), (prompt, True), (sep, False), (response, True), (self.eos, False)]
+        messages, _ = self._messages(prompt, response)
+        placeholders = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        parts = re.split("\ue000(\\d+)\ue001", self._render(placeholders))
+        pieces = [(messages[int(p)]["content"], True) if k % 2 else (p, False) for k, p in enumerate(parts)]
+        if "".join(p for p, _ in pieces) != self._render(messages):
+            raise DataError(
+                "this chat template changes message text, so special tokens written in the text cannot be "
+                "kept as text; remove them or set data.special_tokens_in_text=bad_row"
+            )
+        return pieces
+
+    def _encode_segments(self, prompt: str | list[dict], response: str | list[dict]) -> Encoded:
+        """Tokenize the format's own pieces as usual and the user's text with special tokens split
+        into ordinary characters; the prompt part is the pieces that fall within the head text."""
+        head_chars = len(self.texts(prompt, response)[0])
+        ids: list[int] = []
+        n_prompt, at = 0, 0
+        for piece, is_text in self._segments(prompt, response):
+            tokens = self._tokenize_piece(piece, is_text)
+            if at + len(piece) <= head_chars:
+                n_prompt += len(tokens)
+            elif at < head_chars:
+                n_prompt += len(self._tokenize_piece(piece[: head_chars - at], is_text))
+            ids += tokens
+            at += len(piece)
+        return Encoded(ids, n_prompt)
+
+    def _tokenize_piece(self, piece: str, is_text: bool) -> list[int]:
+        if not piece:
+            return []
+        return self.tokenizer(piece, add_special_tokens=False, split_special_tokens=is_text, verbose=False)["input_ids"]
 
 
 def resolve_format(style: str, schema: str, tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> str:

@@ -17,8 +17,8 @@ from transformers import PreTrainedTokenizerBase
 
 from rewardlab.data.batching import LengthGroupedBatchSampler, PairCollator
 from rewardlab.data.cache import CACHE_VERSION, PairDataset, Settings, build_cache, summary_line, tokenizer_fingerprint
-from rewardlab.data.formatting import ensure_pad_token
-from rewardlab.data.rows import DataError
+from rewardlab.data.formatting import FORMATS, SPECIAL_TOKENS_IN_TEXT, ensure_pad_token
+from rewardlab.data.rows import SCHEMAS, DataError
 from rewardlab.data.sources import fingerprint_source
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class PreferenceDataModule(L.LightningDataModule):
         chat_template: str | None,
         columns: dict[str, str],
         on_bad_row: str,
+        special_tokens_in_text: str,
         val_fraction: float,
         group_by_length: bool,
         group_batches: int,
@@ -58,8 +59,27 @@ class PreferenceDataModule(L.LightningDataModule):
     ):
         super().__init__()
         ensure_pad_token(tokenizer)
-        if padding_side not in ("left", "right"):
-            raise DataError(f"data.padding_side: unknown {padding_side!r}; expected 'left' or 'right'")
+        for key, value, least in (
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("eval_max_tokens", eval_max_tokens, 1),
+            ("group_batches", group_batches, 1),
+            ("max_length", max_length, 2),
+            ("pad_to_multiple_of", pad_to_multiple_of, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if value is not None and value < least:
+                raise DataError(f"data.{key}={value}: expected an integer >= {least}")
+        for key, value, options in (
+            ("padding_side", padding_side, ("left", "right")),
+            ("truncation", truncation, ("truncate", "drop")),
+            ("on_bad_row", on_bad_row, ("error", "skip")),
+            ("schema", schema, ("auto", *SCHEMAS)),
+            ("format", format, ("auto", *FORMATS)),
+            ("special_tokens_in_text", special_tokens_in_text, SPECIAL_TOKENS_IN_TEXT),
+        ):
+            if value not in options:
+                raise DataError(f"data.{key}: unknown {value!r}; expected one of {', '.join(options)}")
         missing = {"prompt", "chosen", "rejected", "margin", "subset"} - set(columns)
         if missing:
             raise DataError(f"data.columns: missing {sorted(missing)}; map each to the column name in your data")
@@ -67,7 +87,9 @@ class PreferenceDataModule(L.LightningDataModule):
             raise DataError(f"data.val_fraction={val_fraction}: expected a number in [0, 1)")
         self.tokenizer = tokenizer
         self.files = {"train": train_file, "val": val_file, "test": test_file}
-        self.settings = Settings(schema, format, chat_template, dict(columns), max_length, truncation, on_bad_row)
+        self.settings = Settings(
+            schema, format, chat_template, dict(columns), max_length, truncation, on_bad_row, special_tokens_in_text
+        )
         self.batch_size, self.eval_batch_size, self.eval_max_tokens = batch_size, eval_batch_size, eval_max_tokens
         self.val_fraction, self.group_by_length, self.group_batches = val_fraction, group_by_length, group_batches
         self.collator = PairCollator(tokenizer.pad_token_id, padding_side, pad_to_multiple_of)
@@ -127,11 +149,31 @@ class PreferenceDataModule(L.LightningDataModule):
             log.info("data val: %d pairs held out of train (data.val_fraction=%s)", n_val, self.val_fraction)
         if self.trainer is None or self.trainer.is_global_zero:
             self.report()
+            self.warn_shared_pairs()
         for split, dataset in self.datasets.items():
             if len(dataset) == 0:
                 raise DataError(
                     f"data {split}: no pairs left after checking and truncation ({summary_line(dataset.meta)})"
                 )
+
+    def warn_shared_pairs(self) -> None:
+        """A validation or test pair that is also a training pair inflates held-out accuracy: say how many."""
+        if "train" not in self.datasets:
+            return
+        train = self.datasets["train"]
+        seen = set(train.pair_hash[train.index].tolist())
+        for split in ("val", "test"):
+            if split in self.datasets:
+                held_out = self.datasets[split]
+                shared = int(np.isin(held_out.pair_hash[held_out.index], list(seen)).sum())
+                if shared:
+                    log.warning(
+                        "data %s: %d of its %d pairs are also in the training data (%s); held-out accuracy counts them",
+                        split,
+                        shared,
+                        len(held_out),
+                        self.files["train"],
+                    )
 
     def report(self) -> None:
         """Log one summary line per split and copy skipped/dropped rows to the run folder."""
@@ -186,9 +228,12 @@ class PreferenceDataModule(L.LightningDataModule):
         DataLoader) is not taken: it loads the position only after the loader has been built."""
         if self.trainer is None or "train" not in self.datasets:
             return {}
+        loop = self.trainer.fit_loop
+        # Saved after an epoch ended (max_steps on its last batch), the batch count is the finished epoch's.
+        started = loop.epoch_progress.current.started > loop.epoch_progress.current.completed
         return {
             "epoch": self.trainer.current_epoch,
-            "batches_trained": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            "batches_trained": loop.epoch_loop.batch_progress.current.processed if started else 0,
             "batches_per_epoch": -(-len(self.datasets["train"]) // self.batch_size),
         }
 

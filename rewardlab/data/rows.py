@@ -1,16 +1,30 @@
 """Rows: what a preference pair is, the schemas a row may follow, and the bad-row vocabulary.
 
-`check_row` turns one raw row into a `Pair` or a `BadRow` that names where it is, which field, a
-short code to count by, and why it cannot be used.
+`decide_schema` reads all rows of a file to pick its schema (one odd row cannot turn a file
+implicit and make every prompt vanish); `check_row` turns one raw row into a `Pair` or a `BadRow`
+that names where it is, which field, a short code to count by, and why it cannot be used.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-from dataclasses import dataclass
+import re
+import reprlib
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from numbers import Real
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 SCHEMAS = ("explicit", "conversational", "implicit")
+ROLES = ("system", "user", "assistant", "tool")
+MAX_DEPTH = 100  # far beyond any preference row; deeper values would break json.dumps and repr later
+PLAIN_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 class DataError(ValueError):
@@ -41,27 +55,155 @@ class BadRow:
         return f"{self.where}:{field} {self.reason}"
 
 
-def detect_schema(row: Any, columns: dict[str, str]) -> str:
-    """explicit: string prompt/chosen/rejected; conversational: message lists; implicit: no prompt,
-    chosen and rejected are full texts sharing the prompt as a prefix."""
-    if not isinstance(row, dict):
-        return "explicit"
-    if isinstance(row.get(columns["chosen"]), list):
-        return "conversational"
-    return "explicit" if row.get(columns["prompt"]) is not None else "implicit"
+@dataclass(frozen=True)
+class Unreadable:
+    """A JSON number or constant Python cannot hold faithfully (NaN, 1e999, a 5000-digit integer):
+    the reader keeps its text so the row becomes a bad row instead of a crash or an `inf`."""
+
+    text: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class TextRow(dict):
+    """A row whose values are all text, as CSV gives them: an empty margin cell means no margin."""
 
 
 def _describe(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
+    return "null" if value is None else f"{type(value).__name__} {reprlib.repr(value)[:60]}"
 
 
-def _messages(value: Any) -> str | None:
-    """None if `value` is a non-empty list of {role, content} string messages, else what is wrong."""
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "contains a NUL character; expected text without control character U+0000"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"contains a lone surrogate U+{ord(text[e.start]):04X} (not valid Unicode); expected text"
+    return None
+
+
+def check_values(row: Any, where: str) -> BadRow | None:
+    """A bad row if any value, at any depth, cannot be carried through safely: unreadable numbers,
+    lone surrogates or NUL in text, nesting deeper than `MAX_DEPTH`. Walked without recursion."""
+    stack: list[tuple[Any, str, int]] = [(row, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        problem = code = None
+        if depth > MAX_DEPTH:
+            code, problem = "too_deep", f"nested deeper than {MAX_DEPTH} levels; expected a flat row"
+        elif isinstance(value, Unreadable):
+            code, problem = "bad_number", value.reason
+        elif isinstance(value, str):
+            code, problem = "invalid_text", _text_problem(value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and (key_problem := _text_problem(key)):
+                    return BadRow(
+                        where, name, "invalid_text", f"its name {key_problem}", _reportable(row, "invalid_text")
+                    )
+                stack.append((item, name, depth + 1))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+        if problem:
+            return BadRow(where, path or None, code, problem, _reportable(row, code))
+    return None
+
+
+def _reportable(row: Any, code: str) -> Any:
+    """What a report keeps of such a row: invalid text as ASCII JSON (reports are written as UTF-8),
+    a too deep value abbreviated (writing it whole would exhaust the recursion limit)."""
+    if code == "invalid_text":
+        return json.dumps(row, default=str)
+    return reprlib.repr(row) if code == "too_deep" else row
+
+
+@dataclass(frozen=True)
+class SchemaChoice:
+    """The schema of one file, the rows that voted for each schema, and why, for bad-row reasons."""
+
+    schema: str
+    votes: dict[str, int] = field(default_factory=dict)
+    note: str = ""
+
+
+def row_schema(row: Any, columns: dict[str, str]) -> str | None:
+    """The schema one row is evidence of: message-list sides are conversational, a prompt field
+    (even null) explicit, string sides without one implicit; None for rows that say nothing."""
+    if not isinstance(row, dict):
+        return None
+    chosen, rejected = row.get(columns["chosen"]), row.get(columns["rejected"])
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        return "conversational"
+    if columns["prompt"] in row:
+        return "explicit"
+    return "implicit" if isinstance(chosen, str) or isinstance(rejected, str) else None
+
+
+def _evidence(schema: str, columns: dict[str, str]) -> str:
+    return {
+        "explicit": f"have a {columns['prompt']!r} field",
+        "conversational": "have message lists",
+        "implicit": f"have no {columns['prompt']!r} field",
+    }[schema]
+
+
+def decide_schema(rows: Iterable[Any], columns: dict[str, str], forced: str = "auto", name: str = "") -> SchemaChoice:
+    """The schema most rows of one file support (ties go to the earlier of `SCHEMAS`), or `forced`;
+    logs the decision, its counts and, for implicit files, the columns (a misnamed prompt column
+    would otherwise vanish silently)."""
+    if forced != "auto":
+        if forced not in SCHEMAS:
+            raise DataError(f"data.schema: unknown {forced!r}; expected auto or one of {', '.join(SCHEMAS)}")
+        return SchemaChoice(forced, {}, f"data.schema={forced}")
+    votes: Counter[str] = Counter()
+    keys: dict[str, None] = {}
+    for row in rows:
+        if (schema := row_schema(row, columns)) is not None:
+            votes[schema] += 1
+            if len(keys) < 50:
+                keys.update(dict.fromkeys(map(str, row)))
+    total = sum(votes.values())
+    schema = max(SCHEMAS, key=lambda s: votes[s])
+    note = f"this file is {schema}: {votes[schema]} of {total} rows {_evidence(schema, columns)}"
+    counts = ", ".join(f"{votes[s]} {s}" for s in SCHEMAS if votes[s])
+    if len(votes) > 1:
+        log.warning(
+            "%s: rows disagree on the schema (%s): read as %s; rows that do not fit are bad rows", name, counts, schema
+        )
+    elif total:
+        log.info("%s: schema %s (%d rows)", name, schema, total)
+    if schema == "implicit":
+        log.warning(
+            "%s: read as implicit (no %r column in %d rows; the prompt is the shared start of chosen and rejected); "
+            "its columns are %s; if one of them holds the prompt, set data.columns.prompt=NAME",
+            name,
+            columns["prompt"],
+            votes["implicit"],
+            ", ".join(keys),
+        )
+    return SchemaChoice(schema, dict(votes), note)
+
+
+def split_schema(choices: Iterable[SchemaChoice]) -> str:
+    """The schema of a split of several files: the one they share, or all of them joined by '+'."""
+    return "+".join(dict.fromkeys(c.schema for c in choices)) or "explicit"
+
+
+def check_messages(value: Any) -> str | None:
+    """None if `value` is a non-empty list of {role, content} string messages with known roles,
+    else what is wrong."""
     if not isinstance(value, list) or not value:
         return f"expected a non-empty list of messages, got {_describe(value)}"
     for i, m in enumerate(value):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             return f"message {i}: expected {{'role': str, 'content': str}}, got {_describe(m)}"
+        if m["role"] not in ROLES:
+            return f"message {i}: unknown role {m['role']!r}; expected one of {', '.join(ROLES)}"
     return None
 
 
@@ -81,23 +223,48 @@ def _split_implicit(chosen: str, rejected: str) -> int:
     return n
 
 
-def _margin(value: Any) -> float | str:
-    if value is None or value == "":
+def _margin(value: Any, row: Any) -> float | str:
+    """A number (a plain decimal string too); None, or an empty CSV cell, means no margin."""
+    if value is None or (value == "" and isinstance(row, TextRow)):
         return math.nan
-    if isinstance(value, bool):
+    if isinstance(value, str):
+        if not PLAIN_NUMBER.fullmatch(value):
+            return f"expected a number, got str {value[:40]!r} (a string margin must be a plain decimal like 1.5)"
+    elif isinstance(value, bool) or not isinstance(value, (Real, Decimal)):
         return f"expected a number, got {_describe(value)}"
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        return f"expected a number, got {_describe(value)}"
-    return number if math.isfinite(number) else f"expected a finite number, got {value!r}"
+    except OverflowError:
+        number = math.inf
+    except ValueError:  # Decimal('sNaN')
+        number = math.nan
+    return number if math.isfinite(number) else f"expected a finite number, got {_describe(value)}"
 
 
-def check_row(row: Any, where: str, schema: str, columns: dict[str, str]) -> Pair | BadRow:
-    """Validate one raw row against `schema` and return a `Pair`, or a `BadRow` saying why not."""
-    c = columns
+def _squeezed(value: str | list[dict]) -> Any:
+    """A side without its whitespace: sides equal this way differ in whitespace only."""
+    if isinstance(value, str):
+        return "".join(value.split())
+    return [{**m, "content": "".join(m["content"].split())} for m in value]
+
+
+def check_row(row: Any, where: str, schema: str | SchemaChoice, columns: dict[str, str]) -> Pair | BadRow:
+    """Validate one raw row against its file's schema (a name, or `decide_schema`'s choice, whose
+    counts then explain a row that does not fit) and return a `Pair`, or a `BadRow` saying why not."""
+    choice = schema if isinstance(schema, SchemaChoice) else SchemaChoice(schema)
+    own = row_schema(row, columns)
+    why = f"{choice.note}; this row looks {own}" if choice.note and own not in (None, choice.schema) else ""
+    result = _check(row, where, choice.schema, columns, why)
+    if why and isinstance(result, BadRow) and why not in result.reason:
+        result.reason += f" ({why})"
+    return result
+
+
+def _check(row: Any, where: str, schema: str, c: dict[str, str], why: str) -> Pair | BadRow:
     if isinstance(row, BadRow):
         return row
+    if (bad := check_values(row, where)) is not None:
+        return bad
     if not isinstance(row, dict):
         return BadRow(
             where,
@@ -109,10 +276,18 @@ def check_row(row: Any, where: str, schema: str, columns: dict[str, str]) -> Pai
     needed = ("prompt", "chosen", "rejected") if schema == "explicit" else ("chosen", "rejected")
     for key in needed:
         if c[key] not in row:
-            return BadRow(
-                where, c[key], "missing_field", f"missing (this {schema} dataset needs {[c[k] for k in needed]})", row
-            )
-    margin = _margin(row.get(c["margin"]))
+            why = why or f"a {schema} row needs {[c[k] for k in needed]}"
+            return BadRow(where, c[key], "missing_field", f"missing field {c[key]!r} ({why})", row)
+    if schema == "implicit" and c["prompt"] in row:
+        return BadRow(
+            where,
+            c["prompt"],
+            "unexpected_field",
+            f"this file is read as implicit (prompt = the shared start of {c['chosen']!r} and {c['rejected']!r}), "
+            f"so this row's {c['prompt']!r} would be lost",
+            row,
+        )
+    margin = _margin(row.get(c["margin"]), row)
     if isinstance(margin, str):
         return BadRow(where, c["margin"], "bad_margin", margin, row)
     subset = row.get(c["subset"])
@@ -121,7 +296,7 @@ def check_row(row: Any, where: str, schema: str, columns: dict[str, str]) -> Pai
 
     if schema == "conversational":
         for key, value in (("chosen", chosen), ("rejected", rejected)):
-            if (problem := _messages(value)) is not None:
+            if (problem := check_messages(value)) is not None:
                 return BadRow(where, c[key], "bad_messages", problem, row)
         if prompt is None:
             n = common_prefix(chosen, rejected)
@@ -137,14 +312,12 @@ def check_row(row: Any, where: str, schema: str, columns: dict[str, str]) -> Pai
                 )
         elif isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        elif (problem := _messages(prompt)) is not None:
+        elif (problem := check_messages(prompt)) is not None:
             return BadRow(where, c["prompt"], "bad_messages", problem, row)
-        if chosen == rejected:
-            return BadRow(where, c["rejected"], "identical", "identical to chosen", row)
         for key, value in (("chosen", chosen), ("rejected", rejected)):
             if not "".join(m["content"] for m in value).strip():
                 return BadRow(where, c[key], "empty_response", "empty response", row)
-        return Pair(prompt, chosen, rejected, margin, subset)
+        return _distinct(Pair(prompt, chosen, rejected, margin, subset), where, c, row)
 
     fields = (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) if schema == "explicit" else ())
     for key, value in fields:
@@ -156,6 +329,13 @@ def check_row(row: Any, where: str, schema: str, columns: dict[str, str]) -> Pai
     for key, value in (("chosen", chosen), ("rejected", rejected)):
         if not value.strip():
             return BadRow(where, c[key], "empty_response", "empty response", row)
-    if chosen == rejected:
+    return _distinct(Pair(prompt, chosen, rejected, margin, subset), where, c, row)
+
+
+def _distinct(pair: Pair, where: str, c: dict[str, str], row: Any) -> Pair | BadRow:
+    """Chosen and rejected must differ in more than whitespace: otherwise there is nothing to learn."""
+    if pair.chosen == pair.rejected:
         return BadRow(where, c["rejected"], "identical", "identical to chosen", row)
-    return Pair(prompt, chosen, rejected, margin, subset)
+    if _squeezed(pair.chosen) == _squeezed(pair.rejected):
+        return BadRow(where, c["rejected"], "identical", "identical to chosen except for whitespace", row)
+    return pair

@@ -29,6 +29,7 @@ def datamodule(tokenizer, tmp_path: Path, **overrides) -> PreferenceDataModule:
         chat_template=None,
         columns=COLUMNS,
         on_bad_row="error",
+        special_tokens_in_text="text",
         val_fraction=0.0,
         group_by_length=True,
         group_batches=50,

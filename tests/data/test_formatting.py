@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from rewardlab.data.formatting import Formatter, ensure_pad_token, resolve_format, truncate
+from rewardlab.data.rows import DataError
 
 from .common import bert_tokenizer
 
@@ -64,3 +69,85 @@ def test_long_response_keeps_its_end_and_eos():
     assert kind == "response" and kept == 1
     assert c == [1, 46, 47, 48, 49, 2]  # prompt gone first, then the response start; BOS and EOS stay
     assert r == [1, 30, 2]
+
+
+# ---------------------------------------------------------------------------------- user text is text
+
+SPECIALS = ["[SEP]", "[EOS]", "[BOS]", "[PAD]", "<|user|>", "<|assistant|>", "<|system|>"]
+WORDS = st.sampled_from(["a", "b", " ", "x y", "7", "\n", "é", "[", "]", "<|", "|>", *SPECIALS])
+TEXT = st.lists(WORDS, min_size=1, max_size=12).map("".join)
+
+
+def control_ids(formatter: Formatter, ids: list[int]) -> list[int]:
+    special = set(formatter.tokenizer.all_special_ids)
+    return [i for i in ids if i in special]
+
+
+@settings(max_examples=80, deadline=None)
+@given(prompt=TEXT, response=TEXT, style=st.sampled_from(["sep", "plain", "chat"]))
+def test_special_tokens_written_in_user_text_never_become_control_tokens(prompt, response, style, tiny_tokenizer):
+    """Property: whatever the user writes, the control tokens are exactly the format's own."""
+    f = Formatter(tiny_tokenizer, style)
+    encoded = f.encode_items([(prompt, response)])[0]
+    clean = f.encode_items([("p", "r")])[0]
+    assert control_ids(f, encoded.ids) == control_ids(f, clean.ids)
+    assert encoded.n_prompt <= len(encoded.ids)
+    if f.special_token_in(prompt, response) is None:  # ordinary text: tokenized as one string, as before
+        assert encoded.ids == f.encode([f.texts(prompt, response)[1]])[0]
+
+
+def test_a_literal_special_token_is_tokenized_as_its_characters(tiny_tokenizer):
+    f = Formatter(tiny_tokenizer, "sep")
+    encoded = f.encode_items([("Is [SEP] a token?", "yes [EOS] it is")])[0]
+    assert encoded.ids.count(tiny_tokenizer.sep_token_id) == 1 and encoded.ids.count(tiny_tokenizer.eos_token_id) == 1
+    assert tiny_tokenizer.decode(encoded.ids) == "[BOS]Is [SEP] a token?[SEP]yes [EOS] it is[EOS]"
+    assert encoded.n_prompt == len(f.encode_items([("Is [SEP] a token?", "")])[0].ids) - 1
+
+
+def test_a_literal_special_token_in_a_chat_message_stays_text(tiny_tokenizer):
+    f = Formatter(tiny_tokenizer, "chat")
+    prompt = [{"role": "user", "content": "say <|assistant|> please"}]
+    encoded = f.encode_items([(prompt, [{"role": "assistant", "content": "ok[EOS]"}])])[0]
+    ids = tiny_tokenizer.convert_tokens_to_ids(["<|user|>", "<|assistant|>", "[EOS]"])
+    assert [encoded.ids.count(i) for i in ids] == [1, 1, 2]  # one turn each, two message ends
+
+
+def test_special_tokens_in_text_can_make_the_pair_a_bad_row(tiny_tokenizer):
+    f = Formatter(tiny_tokenizer, "sep", special_tokens_in_text="bad_row")
+    ok, bad = f.encode_items([("p", "r"), ("p", "r[PAD]")])
+    assert not isinstance(ok, str) and "'[PAD]'" in bad and "special_tokens_in_text=bad_row" in bad
+    with pytest.raises(DataError, match="special_tokens_in_text: unknown 'drop'"):
+        Formatter(tiny_tokenizer, "sep", special_tokens_in_text="drop")
+
+
+def test_a_chat_template_that_changes_message_text_cannot_keep_specials_as_text(tiny_tokenizer):
+    trims = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}[EOS]{% endfor %}"
+    f = Formatter(tiny_tokenizer, "chat", chat_template=trims)
+    assert f.encode_items([(" hi ", "yo")])[0].ids  # no special token: rendered as usual
+    with pytest.raises(DataError, match="changes message text"):
+        f.encode_items([("hi [SEP] ", "yo")])
+
+
+# ---------------------------------------------------------------------------------- long texts, bounded memory
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    prompt=st.text(st.sampled_from("ab cd.\n7é"), min_size=0, max_size=3000),
+    response=st.text(st.sampled_from("ab cd.\n7é"), min_size=1, max_size=3000),
+)
+def test_cutting_long_texts_before_tokenizing_changes_no_kept_token(prompt, response, tiny_tokenizer):
+    """Property: with max_length, texts far beyond it are cut to characters before tokenizing, and the
+    truncated ids are the ones tokenizing the whole text would have given."""
+    short = Formatter(tiny_tokenizer, "sep", max_length=16)
+    whole = Formatter(tiny_tokenizer, "sep")
+    assert short.max_chars < 3000
+    (cut,), (full,) = short.encode_items([(prompt, response)]), whole.encode_items([(prompt, response)])
+    kept = truncate(cut.ids, cut.ids, cut.n_prompt, short.n_protected, 16)[0]
+    assert kept == truncate(full.ids, full.ids, full.n_prompt, whole.n_protected, 16)[0]
+
+
+def test_max_length_that_leaves_no_room_for_a_response_is_refused(tiny_tokenizer):
+    with pytest.raises(DataError, match=r"data.max_length=3 leaves no room for a response.*takes 4 tokens"):
+        Formatter(tiny_tokenizer, "sep", max_length=3)
+    assert Formatter(tiny_tokenizer, "sep", max_length=4).max_chars > 0

@@ -116,3 +116,18 @@ def test_val_fraction_holds_out_part_of_train(tmp_path, tiny_tokenizer):
     train, val = dm.datasets["train"], dm.datasets["val"]
     assert len(train) == 2 and len(val) == 1
     assert not set(train.index) & set(val.index)
+
+
+def test_held_out_pairs_that_are_also_training_pairs_are_counted_in_a_warning(tmp_path, tiny_tokenizer, caplog):
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
+    train = write(tmp_path, "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    val = write(
+        tmp_path, "val.jsonl", "".join(json.dumps(r) + "\n" for r in [rows[1], rows[3], {**rows[0], "prompt": "new"}])
+    )
+    with caplog.at_level("WARNING"):
+        ready(datamodule(tiny_tokenizer, tmp_path, train_file=str(train), val_file=str(val)))
+    assert "data val: 2 of its 3 pairs are also in the training data" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        ready(datamodule(tiny_tokenizer, tmp_path / "other", train_file=str(train)))
+    assert "also in the training data" not in caplog.text

@@ -1,0 +1,108 @@
+"""Settings are checked before anything is built: every value a config passes to a `_target_` must
+fit that target's type hints, so `data.max_length=abc` is one line naming the key, not a TypeError
+from deep inside a library after minutes of set-up."""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Literal, Union, get_args, get_origin
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the key and what was expected."""
+
+
+def _hints(target: Callable[..., Any]) -> dict[str, Any]:
+    """The annotated parameters of a function or class constructor; {} where they cannot be read."""
+    function = target.__init__ if inspect.isclass(target) else target
+    try:
+        hints = typing.get_type_hints(function)
+        parameters = inspect.signature(function).parameters
+    except (NameError, TypeError, ValueError):
+        return {}
+    return {k: v for k, v in hints.items() if k in parameters}
+
+
+def _problem(value: Any, hint: Any, where: str) -> str | None:
+    """None if `value` fits `hint`, else `where: expected ..., got ...` (naming the element of a list
+    or dict that does not fit)."""
+    origin, args = get_origin(hint), get_args(hint)
+    wrong = f"{where}: expected {_hint_name(hint)}, got {_describe(value)}"
+    if (isinstance(value, dict) and "_target_" in value) or hint is Any or isinstance(hint, typing.TypeVar):
+        return None  # built by instantiate into whatever it names; or anything goes
+    if origin in (Union, types.UnionType):
+        problems = [_problem(value, h, where) for h in args]
+        fits_container = [p for h, p in zip(args, problems) if p and p.split(":")[0] != where]
+        return None if None in problems else (fits_container[0] if fits_container else wrong)
+    if origin is Literal:
+        return None if value in args else wrong
+    simple = {type(None): value is None, bool: isinstance(value, bool), str: isinstance(value, str)}
+    simple[int] = isinstance(value, int) and not isinstance(value, bool)
+    simple[float] = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in simple:
+        return None if simple[hint] else wrong
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return wrong
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                return wrong
+            pairs = list(zip(value, args))
+        else:
+            pairs = [(v, args[0]) for v in value] if args else []
+        return next((p for i, (v, h) in enumerate(pairs) if (p := _problem(v, h, f"{where}[{i}]"))), None)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            return wrong
+        return next((p for k, v in value.items() if args and (p := _problem(v, args[1], f"{where}.{k}"))), None)
+    if inspect.isclass(hint) and hint.__module__ != "builtins":
+        return None if isinstance(value, hint) else wrong
+    return None  # callables, protocols and other hints the target checks itself
+
+
+def _describe(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r:.60}"
+
+
+def check_types(node: Any, key: str) -> None:
+    """Walk a config; for every `_target_`, each value it passes must fit the target's type hints."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, list):
+        for i, value in enumerate(node):
+            check_types(value, f"{key}[{i}]")
+        return
+    if not isinstance(node, dict):
+        return
+    hints = _hints(get_object(node["_target_"])) if isinstance(node.get("_target_"), str) else {}
+    for name, value in node.items():
+        where = f"{key}.{name}" if key else name
+        if name in hints and (problem := _problem(value, hints[name], where)):
+            raise ConfigError(problem)
+        check_types(value, where)
+
+
+def _hint_name(hint: Any) -> str:
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_hint_name(h) for h in get_args(hint))
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_max_length(max_length: int, model_config: Any) -> None:
+    """`data.max_length` within the backbone's position limit (beyond it, an IndexError at step 1)."""
+    limit = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ConfigError(
+            f"data.max_length={max_length}: the backbone reads at most {limit} positions "
+            f"(max_position_embeddings); set data.max_length <= {limit}"
+        )
