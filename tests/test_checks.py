@@ -68,7 +68,9 @@ WRONG = st.one_of(st.text(max_size=5), st.floats(allow_nan=False), st.booleans()
 
 
 @settings(max_examples=60, deadline=None)
-@given(key=st.sampled_from(["batch_size", "eval_batch_size", "max_length", "group_batches", "num_workers"]), value=WRONG)
+@given(
+    key=st.sampled_from(["batch_size", "eval_batch_size", "max_length", "group_batches", "num_workers"]), value=WRONG
+)
 def test_any_non_integer_for_an_integer_setting_is_named(key, value):
     node = {"_target_": "rewardlab.data.module.PreferenceDataModule", key: value}
     with pytest.raises(ConfigError, match=f"^data.{key}: expected int"):
