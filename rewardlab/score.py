@@ -5,8 +5,9 @@ Input rows are `{prompt, response}` or any pair schema of training (`{prompt, ch
 conversational, implicit; each file's schema decided from all its rows). Texts are formatted and
 truncated exactly as in training (the export records how) and scored by plain transformers in
 length-sorted batches. Every output row keeps all input fields and adds `reward` (per response),
-`reward_normalized` when the export has statistics, and `text`: the exact string which, tokenized
-with `add_special_tokens=False`, gives the scored ids.
+`reward_normalized` when the export has statistics, and `text`: the formatted text that was scored
+(when it had to be cut to `max_length`, the kept tokens decoded). The ids are the ones training gives
+the same pair.
 
 Exactly one output row per input row (a blank line too), in input order, so row i of the output is
 row i of the input. A bad row is an error naming its line, or with `on_bad_row=skip` an output row

@@ -335,7 +335,14 @@ def test_ddp_on_two_processes_follows_the_single_process_trajectory(tmp_path, ca
 
 # ---------------------------------------------------------------------------------------- secrets
 
-SECRETS = {"WANDB_API_KEY": "wandb-secret-5a1f0c0ffee0123456789", "HF_TOKEN": "hf_secretTokenValue987654321"}
+SECRETS = {
+    "WANDB_API_KEY": "wandb-secret-5a1f0c0ffee0123456789",
+    "HF_TOKEN": "hf_secretTokenValue987654321",
+    "MY_SERVICE_KEY": "k3y9",  # short, named *_KEY
+    "DB_PASSWORD": "pw-77x",
+    "SSH_PRIVATE": "private-material-42",
+}
+TYPED = {"+note2": "hf_typedOnTheCommandLine123456", "+db.password": "hunter2x"}  # secrets typed as overrides
 
 
 def test_redact_replaces_secrets_from_the_environment(monkeypatch):
@@ -353,6 +360,8 @@ def test_no_secret_reaches_the_run_folder(tmp_path, cache_dir):
         f"hydra.run.dir={run}",
         "+note=${oc.env:HF_TOKEN}",
         "+other=${oc.env:WANDB_API_KEY}",
+        "+short=${oc.env:MY_SERVICE_KEY}",
+        *(f"{k}={v}" for k, v in TYPED.items()),
         "trainer.max_steps=4",
         "trainer.limit_val_batches=2",
         "trainer.limit_test_batches=2",
@@ -362,11 +371,14 @@ def test_no_secret_reaches_the_run_folder(tmp_path, cache_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     files = [p for p in run.rglob("*") if p.is_file()]
     assert len(files) > 10 and any(p.suffix == ".wandb" for p in files) and any(p.suffix == ".ckpt" for p in files)
+    assert (run / ".hydra" / "overrides.yaml").exists()
+    wandb_run = next(p for p in files if p.suffix == ".wandb").read_bytes()
+    assert b"trainer.max_steps=4" in wandb_run and b"+db.password=***" in wandb_run  # the command line, masked
     for path in files:
         content = path.read_bytes()
-        for name, secret in SECRETS.items():
+        for name, secret in [*SECRETS.items(), *TYPED.items()]:
             assert secret.encode() not in content, f"{name} found in {path}"
-    for name, secret in SECRETS.items():
+    for name, secret in [*SECRETS.items(), *TYPED.items()]:
         assert secret not in done.stdout + done.stderr, f"{name} printed"
     ckpt = torch.load(next(run.glob("checkpoints/last.ckpt")), weights_only=True)
     assert ckpt["rewardlab_config"]["note"] == "***"
