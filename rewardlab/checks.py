@@ -13,6 +13,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
+from rewardlab.data.rows import describe_value
+
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the key and what was expected."""
@@ -33,7 +35,7 @@ def _problem(value: Any, hint: Any, where: str) -> str | None:
     """None if `value` fits `hint`, else `where: expected ..., got ...` (naming the element of a list
     or dict that does not fit)."""
     origin, args = get_origin(hint), get_args(hint)
-    wrong = f"{where}: expected {_hint_name(hint)}, got {_describe(value)}"
+    wrong = f"{where}: expected {_hint_name(hint)}, got {describe_value(value)}"
     if (isinstance(value, dict) and "_target_" in value) or hint is Any or isinstance(hint, typing.TypeVar):
         return None  # built by instantiate into whatever it names; or anything goes
     if origin in (Union, types.UnionType):
@@ -64,10 +66,6 @@ def _problem(value: Any, hint: Any, where: str) -> str | None:
     if inspect.isclass(hint) and hint.__module__ != "builtins":
         return None if isinstance(value, hint) else wrong
     return None  # callables, protocols and other hints the target checks itself
-
-
-def _describe(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {value!r:.60}"
 
 
 def check_types(node: Any, key: str) -> None:

@@ -15,27 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, Metric
 from transformers import PreTrainedModel
 
-from rewardlab.features import (
-    FeatureCache,
-    FrozenTrunk,
-    active_dropout,
-    capture_block_output,
-    describe,
-    sequence_ids,
-    skip_blocks,
-    weights_digest,
-)
+from rewardlab.features import FrozenTrunk, TrunkCache, open_trunk_cache
 from rewardlab.freeze import modules_after_blocks
+from rewardlab.losses import Loss
 
 log = logging.getLogger(__name__)
-
-Loss = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def last_token_index(attention_mask: Tensor) -> Tensor:
@@ -108,7 +97,7 @@ class RewardModel(L.LightningModule):
     def __init__(
         self,
         backbone: PreTrainedModel,
-        loss: Loss,
+        loss: Callable[[Tensor, Tensor, Tensor], Tensor],
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None,
         freeze: Callable[[RewardModel], FrozenTrunk | None],
@@ -142,7 +131,7 @@ class RewardModel(L.LightningModule):
         if compile:
             self.backbone.compile(dynamic=True)
         self.feature_cache_dir = Path(feature_cache_dir) if feature_cache_dir else None
-        self.feature_caches: dict[str, FeatureCache] = {}
+        self.trunk_cache: TrunkCache | None = None
         self.train_metrics, self.val_metrics, self.test_metrics = PairMetrics(), PairMetrics(), PairMetrics()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # in checkpoints: a resumed run remembers the best so far
@@ -177,49 +166,32 @@ class RewardModel(L.LightningModule):
     def pair_rewards(self, batch: dict[str, Tensor], split: str | None = None) -> tuple[Tensor, Tensor]:
         """Rewards of chosen and rejected from one `(2B, L)` pass; with a feature cache for `split`,
         the frozen trunk's outputs are read back instead of recomputed."""
-        cache = self.feature_caches.get(split) if split else None
-        if cache is None:
-            return self(batch["input_ids"], batch["attention_mask"]).chunk(2)
-        return self._cached_rewards(batch, cache).chunk(2)
-
-    def _cached_rewards(self, batch: dict[str, Tensor], cache: FeatureCache) -> Tensor:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        sequences = sequence_ids(batch["index"])
-        hit = cache.has(sequences)
-        cache.hits += len(sequences) if hit else 0
-        cache.misses += 0 if hit else len(sequences)
-        if self.trunk.n_frozen is None:  # the whole backbone is frozen: cache last-token states
-            if hit:
-                last = torch.from_numpy(np.concatenate([cache.read(i) for i in sequences])).to(self.device)
-                return self.score(last)
-            last = self.last_hidden(ids, mask)
-            for k, i in enumerate(sequences):
-                cache.write(i, last[k : k + 1].detach().float().cpu().numpy())
-            return self.score(last)
-        blocks = self.backbone.get_submodule(self.trunk.blocks)
-        if hit and hasattr(cache, "dtype"):  # the frozen blocks' output, placed at each real token
-            features = torch.zeros(*ids.shape, cache.hidden, dtype=cache.dtype, device=self.device)
-            for k, i in enumerate(sequences):
-                features[k, mask[k].bool()] = torch.from_numpy(cache.read(i)).to(self.device, cache.dtype)
-            with skip_blocks(blocks, self.trunk.n_frozen, features):
-                return self(ids, mask)
-        store: list[Tensor] = []
-        with capture_block_output(blocks, self.trunk.n_frozen, store):
-            rewards = self(ids, mask)
-        out = store[0].detach()
-        cache.dtype = out.dtype
-        for k, i in enumerate(sequences):
-            cache.write(i, out[k][mask[k].bool()].float().cpu().numpy())
-        return rewards
+        if self.trunk_cache is not None and split in self.trunk_cache.caches:
+            return self.trunk_cache.rewards(self, batch, split).chunk(2)
+        return self(batch["input_ids"], batch["attention_mask"]).chunk(2)
 
     def setup(self, stage: str) -> None:
         """Before fitting: check margins where the loss needs them; open the frozen-trunk caches."""
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None:
             return
-        self._check_margins(datamodule)
+        if isinstance(self.loss_fn, Loss) and self.loss_fn.needs_margin:
+            self._check_margins(datamodule)
         if stage == "fit" and self.trunk is not None and self.feature_cache_dir is not None:
-            self._open_feature_caches(datamodule)
+            self.train()  # frozen modules in eval mode, as they will run
+            self.trunk_cache = open_trunk_cache(
+                self.backbone,
+                self.trunk,
+                self._trunk_modules(),
+                {split: datamodule.sequences(split) for split in ("train", "val") if datamodule.has(split)},
+                self.feature_cache_dir,
+                str(self.trainer.precision),
+            )
+
+    def feature_cache_stats(self) -> dict[str, int]:
+        """`features/<split>/hits|misses|filled` of the frozen-trunk cache, for results.json."""
+        caches = self.trunk_cache.caches if self.trunk_cache is not None else {}
+        return {f"features/{split}/{k}": v for split, cache in caches.items() for k, v in cache.stats().items()}
 
     def _trunk_modules(self) -> list[nn.Module]:
         """The modules that run before the first trainable one (all of them for head_only)."""
@@ -229,32 +201,6 @@ class RewardModel(L.LightningModule):
         later = {id(m) for block in blocks[self.trunk.n_frozen :] for m in block.modules()}
         later |= {id(m) for m in modules_after_blocks(self.backbone, self.trunk.blocks)}
         return [m for m in self.backbone.modules() if id(m) not in later]
-
-    def _open_feature_caches(self, datamodule: Any) -> None:
-        self.train()
-        trunk = self._trunk_modules()
-        noisy = active_dropout(iter(trunk))
-        if noisy:
-            log.info("feature cache off: dropout is active in the frozen part (%s)", ", ".join(sorted(set(noisy))))
-            return
-        frozen = {id(p) for m in trunk for p in m.parameters(recurse=False)}
-        digest = weights_digest(self.backbone, lambda n: id(self.backbone.get_parameter(n)) in frozen)
-        hidden = self.backbone.config.get_text_config().hidden_size
-        for split in ("train", "val"):
-            dataset = datamodule.datasets.get(split)
-            if dataset is None:
-                continue
-            key = {
-                "data": dataset.folder.name,
-                "trunk": vars(self.trunk),
-                "weights": digest,
-                "precision": str(self.trainer.precision),
-            }
-            folder = self.feature_cache_dir / f"{dataset.folder.name}-{describe(key)}"
-            self.feature_caches[split] = FeatureCache(
-                folder, dataset.seq_lengths.ravel(), hidden, per_token=self.trunk.n_frozen is not None
-            )
-        log.info("feature cache on for the frozen trunk (%s): %s", self.trunk, self.feature_cache_dir)
 
     def on_train_start(self) -> None:
         """A run resumed with changed optimizer or schedule settings: the checkpoint restored the old
@@ -273,8 +219,8 @@ class RewardModel(L.LightningModule):
                 group["lr"] = base * factor(scheduler.last_epoch)
 
     def on_train_end(self) -> None:
-        if self.trainer.world_size == 1:
-            for cache in self.feature_caches.values():
+        if self.trainer.world_size == 1 and self.trunk_cache is not None:
+            for cache in self.trunk_cache.caches.values():
                 cache.save()
 
     def _metrics(self, split: str) -> PairMetrics:
@@ -307,7 +253,7 @@ class RewardModel(L.LightningModule):
         pairs = batch["index"].tolist()
         where = (
             f"step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}), pairs from "
-            f"{datamodule.datasets['train'].describe(pairs) if datamodule is not None else pairs}"
+            f"{datamodule.rows_of('train', pairs) if datamodule is not None else pairs}"
         )
         if not self.skip_nonfinite:
             raise FloatingPointError(
@@ -349,15 +295,12 @@ class RewardModel(L.LightningModule):
 
     def _check_margins(self, datamodule: Any) -> None:
         """A loss that reads margins needs one for every pair: checked on all splits before training."""
-        loss = getattr(self.loss_fn, "func", self.loss_fn)
-        if not getattr(loss, "needs_margin", False):
-            return
-        for split, dataset in datamodule.datasets.items():
-            missing = int(np.isnan(dataset.margin[dataset.index]).sum())
+        for split, (missing, total) in datamodule.missing_margins().items():
             if missing:
                 raise ValueError(
-                    f"loss={loss.__name__} needs a margin for every pair, but {missing} of {len(dataset)} {split} "
-                    f"pairs have none (column '{datamodule.settings.columns['margin']}'); use loss=bradley_terry"
+                    f"loss={type(self.loss_fn).__name__} needs a margin for every pair, but {missing} of {total} "
+                    f"{split} pairs have none (column '{datamodule.settings.columns['margin']}'); "
+                    "use loss=bradley_terry"
                 )
 
     def on_train_epoch_end(self) -> None:

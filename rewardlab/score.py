@@ -46,7 +46,7 @@ from rewardlab.data.rows import (
     check_values,
     decide_schema,
 )
-from rewardlab.data.sources import CHUNK_ROWS, Part, source_parts
+from rewardlab.data.sources import CHUNK_ROWS, Part, chunks, source_parts
 from rewardlab.runfolder import claimed
 from rewardlab.scoring import Scorer
 
@@ -277,7 +277,7 @@ def score_file(cfg: DictConfig) -> dict[str, int]:
     with atomic_output(out) as tmp, Progress() as progress:
         writer, bar = WRITERS[out.suffix.lower()](tmp), _Bar(progress)
         try:
-            for chunk in _chunks(rows, CHUNK_ROWS):
+            for chunk in chunks(rows, CHUNK_ROWS):
                 for row, scored in _score_chunk(chunk, scorer, cfg, bar):
                     writer.write(row)
                     counts["rows"] += 1
@@ -287,17 +287,6 @@ def score_file(cfg: DictConfig) -> dict[str, int]:
     counts = {key: counts[key] for key in ("rows", "scored", "errors")}
     log.info("scored %(scored)d of %(rows)d rows (%(errors)d errors) -> %(out)s", {**counts, "out": out})
     return counts
-
-
-def _chunks(rows: Iterator, size: int) -> Iterator[list]:
-    chunk: list = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="score")

@@ -191,8 +191,8 @@ class Scorer:
         ids = self.formatter.encode([text])[0]
         if len(ids) <= self.max_length:
             return text, ids
-        n = self.formatter.n_protected
-        ids = ids[:n] + ids[n + len(ids) - self.max_length :]
+        n = self.formatter.n_protected  # no known prompt part: only the start after BOS is cut
+        ids = truncate(ids, ids, n, n, self.max_length)[0]
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False), ids
 
     def _text(self, prompt: str | list[dict], response: str | list[dict], ids: list[int], cut: bool) -> str:

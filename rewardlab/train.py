@@ -178,6 +178,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         results |= (
             params
             | datamodule.counts()
+            | model.feature_cache_stats()
             | {
                 "train/skipped_nonfinite": model.skipped_nonfinite,
                 "global_step": trainer.global_step,

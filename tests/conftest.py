@@ -71,12 +71,12 @@ def reward_model(backbone, freeze=None, head_lr_mult: float = 1.0, disable_dropo
     import torch
 
     from rewardlab import freeze as strategies
-    from rewardlab.losses import bradley_terry
+    from rewardlab.losses import BradleyTerry
     from rewardlab.model import RewardModel
 
     return RewardModel(
         backbone,
-        bradley_terry,
+        BradleyTerry(),
         partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1),
         None,
         freeze or strategies.full,

@@ -11,7 +11,7 @@ import torch
 from rewardlab import freeze
 from rewardlab.backbones import tiny
 from rewardlab.data.batching import pad_sequences
-from rewardlab.features import FeatureCache
+from rewardlab.features import FeatureCache, TrunkCache
 from rewardlab.train import train
 
 from .conftest import reward_model
@@ -22,19 +22,20 @@ FAMILIES = ["llama", "gpt2", "bert"]
 def test_feature_cache_round_trip_per_sequence_and_per_token(tmp_path):
     lengths = np.array([3, 1, 2])
     tokens = FeatureCache(tmp_path / "t", lengths, hidden=4, per_token=True)
-    values = [np.arange(n * 4, dtype=np.float32).reshape(n, 4) + 10 * i for i, n in enumerate(lengths)]
-    for i in (2, 0):
-        tokens.write(i, values[i])
-    assert tokens.has(np.array([0, 2])) and not tokens.has(np.array([0, 1]))
-    assert np.array_equal(tokens.read(2), values[2]) and np.array_equal(tokens.read(0), values[0])
+    values = [torch.arange(n * 4, dtype=torch.bfloat16).reshape(n, 4) + 10 * i for i, n in enumerate(lengths)]
+    tokens.store(np.array([2, 0]), [values[2], values[0]])
+    assert tokens.lookup(np.array([0, 1])) is None and tokens.stats() == {"hits": 0, "misses": 2, "filled": 2}
+    found = tokens.lookup(np.array([0, 2]))
+    assert [v.tolist() for v in found] == [values[0].float().tolist(), values[2].float().tolist()]
+    assert tokens.dtype == torch.bfloat16 and tokens.stats()["hits"] == 2
     tokens.save()
-    again = FeatureCache(tmp_path / "t", lengths, hidden=4, per_token=True)  # a later run finds them
-    assert again.has(np.array([0, 2])) and np.array_equal(again.read(0), values[0])
+    again = FeatureCache(tmp_path / "t", lengths, hidden=4, per_token=True)  # a later run finds them, and their dtype
+    assert again.lookup(np.array([0, 2])) is not None and again.dtype == torch.bfloat16
     vectors = FeatureCache(tmp_path / "v", lengths, hidden=4, per_token=False)
-    vectors.write(1, values[0][:1])
-    assert vectors.read(1).shape == (1, 4)
-    with pytest.raises(AssertionError, match="bytes, expected"):
-        vectors.write(0, values[0])
+    vectors.store(np.array([1]), [values[0][:1]])
+    assert vectors.lookup(np.array([1]))[0].shape == (1, 4)
+    with pytest.raises(ValueError, match="bytes, expected"):
+        vectors.store(np.array([0]), [values[0]])
 
 
 def batch_of(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -57,16 +58,17 @@ def test_rewards_from_cached_features_equal_a_full_pass(family, strategy, tmp_pa
     lengths = np.array([len(s) for s in seqs])  # sequence 2j is pair j's chosen, 2j + 1 its rejected
     order = [seqs[0], seqs[2], seqs[1], seqs[3]]  # the batch layout: chosen of both pairs, then rejected
     cache = FeatureCache(tmp_path, lengths, 32, per_token=strategy == "last_n")
+    trunk = TrunkCache(model.trunk, {"train": cache})
     batch = batch_of(order)
     with torch.no_grad():
         full = model(batch["input_ids"], batch["attention_mask"])
-        filling = model._cached_rewards(batch, cache)
-        assert cache.misses == 4 and cache.hits == 0 and cache.filled.all()
-        cached = model._cached_rewards(batch, cache)
-        assert cache.hits == 4
+        filling = trunk.rewards(model, batch, "train")
+        assert cache.stats() == {"hits": 0, "misses": 4, "filled": 4}
+        cached = trunk.rewards(model, batch, "train")
+        assert cache.stats()["hits"] == 4
         left = batch_of(order)
         left["input_ids"], left["attention_mask"] = pad_sequences(order, 0, "left")
-        cached_left = model._cached_rewards(left, cache)
+        cached_left = trunk.rewards(model, left, "train")
     assert torch.allclose(filling, full, atol=1e-5)
     assert torch.allclose(cached, full, atol=1e-5) and torch.allclose(cached_left, full, atol=1e-5)
 
@@ -100,10 +102,13 @@ def test_cache_reused_by_a_later_run_and_off_when_dropout_is_active(make_cfg, tm
         "trainer.limit_train_batches=5",
         f"model.feature_cache_dir={tmp_path / 'f'}",
     ]
-    train(make_cfg(*common))
+    first = train(make_cfg(*common))
     folder = next(p for p in (tmp_path / "f").iterdir() if p.name.startswith("train"))
     filled = np.load(folder / "filled.npy").sum()
     assert filled == 5 * 16 * 2  # 5 batches of 16 pairs, chosen and rejected
+    assert first["features/train/misses"] == filled and first["features/train/hits"] == 0
+    later = train(make_cfg(*common, folder="later"))  # another job with the same frozen trunk
+    assert later["features/train/misses"] == 0 and later["features/train/hits"] == filled
     with caplog.at_level("INFO"):
         train(
             make_cfg(

@@ -2,7 +2,9 @@ import math
 
 import torch
 
-from rewardlab.losses import bradley_terry, bradley_terry_margin, centered, label_smoothing
+from rewardlab.losses import BradleyTerry, Centered, LabelSmoothing, MarginBradleyTerry
+
+bradley_terry, bradley_terry_margin = BradleyTerry(), MarginBradleyTerry()
 
 NAN3 = torch.full((3,), math.nan)
 
@@ -46,29 +48,29 @@ def test_margin_loss_shifts_the_difference_by_the_pair_margin():
         bradley_terry(chosen, rejected, margin).item(),
         rel_tol=1e-6,
     )
-    assert bradley_terry_margin.needs_margin and not getattr(bradley_terry, "needs_margin", False)
+    assert bradley_terry_margin.needs_margin and not bradley_terry.needs_margin
 
 
 def test_centered_loss_adds_the_squared_sum_penalty():
     chosen, rejected = torch.tensor([3.0, -1.0]), torch.tensor([1.0, -2.0])
     bt = (nll(2.0) + nll(1.0)) / 2
     penalty = ((3.0 + 1.0) ** 2 + (-1.0 - 2.0) ** 2) / 2  # mean((r_w + r_l)^2) = (16 + 9) / 2
-    loss = centered(chosen, rejected, NAN3[:2], coefficient=0.01)
+    loss = Centered(coefficient=0.01)(chosen, rejected, NAN3[:2])
     assert math.isclose(loss.item(), bt + 0.01 * penalty, rel_tol=1e-6)
-    assert math.isclose(centered(chosen, rejected, NAN3[:2], coefficient=0.0).item(), bt, rel_tol=1e-6)
+    assert math.isclose(Centered(coefficient=0.0)(chosen, rejected, NAN3[:2]).item(), bt, rel_tol=1e-6)
 
 
 def test_label_smoothing_is_conservative_bradley_terry():
     chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
     eps = 0.1
     expected = sum((1 - eps) * nll(d) + eps * nll(-d) for d in (2.0, -1.0)) / 2
-    loss = label_smoothing(chosen, rejected, NAN3[:2], epsilon=eps)
+    loss = LabelSmoothing(epsilon=eps)(chosen, rejected, NAN3[:2])
     assert math.isclose(loss.item(), expected, rel_tol=1e-6)
     # with eps = 0 it is Bradley–Terry; with eps > 0 an infinite margin is no longer free
     assert math.isclose(
-        label_smoothing(chosen, rejected, NAN3[:2], epsilon=0.0).item(),
+        LabelSmoothing(epsilon=0.0)(chosen, rejected, NAN3[:2]).item(),
         bradley_terry(chosen, rejected, NAN3[:2]).item(),
         rel_tol=1e-6,
     )
-    far = label_smoothing(torch.tensor([50.0]), torch.tensor([0.0]), NAN3[:1], epsilon=eps).item()
+    far = LabelSmoothing(epsilon=eps)(torch.tensor([50.0]), torch.tensor([0.0]), NAN3[:1]).item()
     assert math.isclose(far, eps * 50.0, rel_tol=1e-3)

@@ -257,18 +257,18 @@ def test_trainer_slurm_requeues_and_resumes_from_the_run_folder(make_cfg, monkey
 
 
 def nan_on_call(n: int):
-    """Bradley–Terry, except call `n` (0-based) returns NaN: a poisoned batch, on cue."""
-    calls, bradley_terry = iter(range(10**6)), losses.bradley_terry
+    """Bradley–Terry's call, except call `n` (0-based) returns NaN: a poisoned batch, on cue."""
+    calls, bradley_terry = iter(range(10**6)), losses.BradleyTerry.__call__
 
-    def loss(chosen, rejected, margin):
-        value = bradley_terry(chosen, rejected, margin)
+    def loss(self, chosen, rejected, margin):
+        value = bradley_terry(self, chosen, rejected, margin)
         return value * float("nan") if next(calls) == n else value
 
     return loss
 
 
 def test_a_nan_loss_stops_the_run_naming_step_and_rows(make_cfg, monkeypatch):
-    monkeypatch.setattr(losses, "bradley_terry", nan_on_call(2))
+    monkeypatch.setattr(losses.BradleyTerry, "__call__", nan_on_call(2))
     with pytest.raises(FloatingPointError) as err:
         train(make_cfg())
     message = str(err.value)
@@ -277,7 +277,7 @@ def test_a_nan_loss_stops_the_run_naming_step_and_rows(make_cfg, monkeypatch):
 
 
 def test_skip_nonfinite_skips_and_counts_the_batch(make_cfg, monkeypatch):
-    monkeypatch.setattr(losses, "bradley_terry", nan_on_call(2))
+    monkeypatch.setattr(losses.BradleyTerry, "__call__", nan_on_call(2))
     cfg = make_cfg("model.skip_nonfinite=true")
     results = train(cfg)
     assert results["train/skipped_nonfinite"] == 1 and results["global_step"] == 4  # counted, nothing applied

@@ -91,7 +91,7 @@ def test_resuming_with_other_settings_is_refused_naming_each_change(checkpoint, 
         train(cfg)
     message = str(err.value)
     assert "optimizer.lr: 0.002 -> 0.01" in message and "data.max_length: 256 -> 128" in message
-    assert "loss._target_: 'rewardlab.losses.bradley_terry' -> 'rewardlab.losses.bradley_terry_margin'" in message
+    assert "loss._target_: 'rewardlab.losses.BradleyTerry' -> 'rewardlab.losses.MarginBradleyTerry'" in message
     assert "resume.allow_changes=true" in message
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -70,3 +72,13 @@ def test_a_foreign_modeling_file_runs_only_with_trust_remote_code(bert_export, t
 def test_the_modeling_template_takes_only_families_transformers_knows(family):
     with pytest.raises(UntrustedExport, match="backbone family"):
         modeling_source(family)
+
+
+def test_score_and_serve_start_without_lightning():
+    """Inference needs transformers, not the training stack: importing the commands loads no Lightning."""
+    code = (
+        "import sys, rewardlab.score, rewardlab.serve, rewardlab.scoring, rewardlab.data.formatting; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'torchmetrics')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]

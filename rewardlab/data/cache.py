@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rewardlab.data.formatting import Formatter, resolve_format, truncate
 from rewardlab.data.rows import BadRow, DataError, Pair, check_row, decide_schema, split_schema
-from rewardlab.data.sources import CHUNK_ROWS, source_parts
+from rewardlab.data.sources import chunks, source_parts
 
 CACHE_VERSION = "3"
 
@@ -65,17 +65,6 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
         ).encode()
     )
     return h.hexdigest()
-
-
-def _chunks(rows: Iterable, size: int) -> Iterator[list]:
-    chunk: list = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def pair_hash(ids: bytes, n_chosen: int) -> int:
@@ -130,7 +119,7 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
             chat = any(c.schema == "conversational" for c in choices)
             formatter = make_formatter(tokenizer, s, "conversational" if chat else schema)
             rows = ((where, row, choice) for part, choice in zip(parts, choices) for where, row in part.rows())
-            for chunk in _chunks(rows, CHUNK_ROWS):
+            for chunk in chunks(rows):
                 good: list[tuple[int, str, Any, Pair]] = []
                 for where, row, choice in chunk:
                     if isinstance(row, BadRow) and row.code == "blank_line":
@@ -266,7 +255,7 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def describe(self, pairs: Iterable[int]) -> str:
+    def rows_of(self, pairs: Iterable[int]) -> str:
         """Where pairs (cache indices, as in a batch's `index`) came from, for error messages."""
         rows = sorted(int(self.row[j]) + 1 for j in pairs)
         return f"rows {rows} (1-based, in reading order) of {self.meta['source']} ({self.meta['split']} split)"

@@ -280,3 +280,20 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def has_test(self) -> bool:
         return bool(self.files["test"])
+
+    def has(self, split: str) -> bool:
+        return split in self.datasets
+
+    def sequences(self, split: str) -> tuple[str, np.ndarray]:
+        """What a cache of per-sequence features needs: the tokenized split's key and every sequence's
+        length (sequence 2j is pair j's chosen, 2j + 1 its rejected)."""
+        dataset = self.datasets[split]
+        return dataset.folder.name, dataset.seq_lengths.ravel()
+
+    def missing_margins(self) -> dict[str, tuple[int, int]]:
+        """Per split: how many of its pairs have no margin, of how many."""
+        return {s: (int(np.isnan(d.margin[d.index]).sum()), len(d)) for s, d in self.datasets.items()}
+
+    def rows_of(self, split: str, pairs: list[int]) -> str:
+        """Where pairs (cache indices, as in a batch's `index`) came from, for error messages."""
+        return self.datasets[split].rows_of(pairs)

@@ -71,7 +71,8 @@ class TextRow(dict):
     """A row whose values are all text, as CSV gives them: an empty margin cell means no margin."""
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
+    """A value as error messages show it: its type and the start of its repr (`str 'abc'`, `null`)."""
     return "null" if value is None else f"{type(value).__name__} {reprlib.repr(value)[:60]}"
 
 
@@ -198,10 +199,10 @@ def check_messages(value: Any) -> str | None:
     """None if `value` is a non-empty list of {role, content} string messages with known roles,
     else what is wrong."""
     if not isinstance(value, list) or not value:
-        return f"expected a non-empty list of messages, got {_describe(value)}"
+        return f"expected a non-empty list of messages, got {describe_value(value)}"
     for i, m in enumerate(value):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            return f"message {i}: expected {{'role': str, 'content': str}}, got {_describe(m)}"
+            return f"message {i}: expected {{'role': str, 'content': str}}, got {describe_value(m)}"
         if m["role"] not in ROLES:
             return f"message {i}: unknown role {m['role']!r}; expected one of {', '.join(ROLES)}"
     return None
@@ -231,14 +232,14 @@ def _margin(value: Any, row: Any) -> float | str:
         if not PLAIN_NUMBER.fullmatch(value):
             return f"expected a number, got str {value[:40]!r} (a string margin must be a plain decimal like 1.5)"
     elif isinstance(value, bool) or not isinstance(value, (Real, Decimal)):
-        return f"expected a number, got {_describe(value)}"
+        return f"expected a number, got {describe_value(value)}"
     try:
         number = float(value)
     except OverflowError:
         number = math.inf
     except ValueError:  # Decimal('sNaN')
         number = math.nan
-    return number if math.isfinite(number) else f"expected a finite number, got {_describe(value)}"
+    return number if math.isfinite(number) else f"expected a finite number, got {describe_value(value)}"
 
 
 def _squeezed(value: str | list[dict]) -> Any:
@@ -270,7 +271,7 @@ def _check(row: Any, where: str, schema: str, c: dict[str, str], why: str) -> Pa
             where,
             None,
             "not_an_object",
-            f"expected an object with fields {c['chosen']!r} and {c['rejected']!r}, got {_describe(row)}",
+            f"expected an object with fields {c['chosen']!r} and {c['rejected']!r}, got {describe_value(row)}",
             row,
         )
     needed = ("prompt", "chosen", "rejected") if schema == "explicit" else ("chosen", "rejected")
@@ -322,7 +323,7 @@ def _check(row: Any, where: str, schema: str, c: dict[str, str], why: str) -> Pa
     fields = (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) if schema == "explicit" else ())
     for key, value in fields:
         if not isinstance(value, str):
-            return BadRow(where, c[key], "not_a_string", f"expected a string, got {_describe(value)}", row)
+            return BadRow(where, c[key], "not_a_string", f"expected a string, got {describe_value(value)}", row)
     if schema == "implicit":
         n = _split_implicit(chosen, rejected)
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]

@@ -20,7 +20,7 @@ import math
 import re
 import sys
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -372,3 +372,15 @@ def fingerprint_source(spec: str, default_split: str) -> str:
             f"{spec}: no such file or folder, and not loadable as a hub dataset "
             f"(split {split!r}): {type(e).__name__}: {e}"
         ) from e
+
+
+def chunks(rows: Iterable[Any], size: int = CHUNK_ROWS) -> Iterator[list[Any]]:
+    """Rows in lists of `size`, so a reader's rows are checked and tokenized a bounded batch at a time."""
+    chunk: list = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

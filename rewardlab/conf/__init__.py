@@ -1,0 +1,1 @@
+"""The packaged configs (Hydra reads them as package data: `pkg://rewardlab.conf`)."""
