@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, Metric
 from transformers import PreTrainedModel
 
+from rewardlab.data.rows import DataError
 from rewardlab.features import FrozenTrunk, TrunkCache, open_trunk_cache
 from rewardlab.freeze import modules_after_blocks
 from rewardlab.losses import Loss
@@ -297,8 +298,8 @@ class RewardModel(L.LightningModule):
         """A loss that reads margins needs one for every pair: checked on all splits before training."""
         for split, (missing, total) in datamodule.missing_margins().items():
             if missing:
-                raise ValueError(
-                    f"loss={type(self.loss_fn).__name__} needs a margin for every pair, but {missing} of {total} "
+                raise DataError(
+                    f"the loss ({type(self.loss_fn).__name__}) needs a margin for every pair, but {missing} of {total} "
                     f"{split} pairs have none (column '{datamodule.settings.columns['margin']}'); "
                     "use loss=bradley_terry"
                 )

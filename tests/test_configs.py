@@ -172,7 +172,9 @@ def test_gpu_trainers_compose_and_build_their_strategy(option, make_cfg):
 
 
 def test_loss_margin_refuses_data_without_margins_before_training(make_cfg):
-    with pytest.raises(ValueError, match="loss=bradley_terry_margin needs a margin for every pair, but 6000 of 6000"):
+    with pytest.raises(
+        DataError, match=r"the loss \(MarginBradleyTerry\) needs a margin for every pair, but 6000 of 6000"
+    ):
         train(make_cfg("loss=margin"))
 
 
