@@ -64,7 +64,7 @@ def pretrained(
     model = AutoModel.from_pretrained(
         name_or_path,
         dtype=_dtype(dtype),
-        attn_implementation=attn_implementation,
+        attn_implementation=None if attn_implementation == "auto" else attn_implementation,
         trust_remote_code=trust_remote_code,
         revision=revision,
     )
@@ -148,6 +148,7 @@ def tiny(
     max_positions: int,
     dropout: float,
     initializer_range: float = 0.02,
+    attn_implementation: str | None = None,
     tokenizer_path: str | None = None,
 ) -> Backbone:
     """A randomly initialised model of `family` (llama, gpt2, bert, ...) built from a config.
@@ -182,7 +183,8 @@ def tiny(
             setattr(config, name, dropout)
     if family == "gpt2":
         config.n_inner = intermediate_size
-    return Backbone(AutoModel.from_config(config), tokenizer)
+    attention = None if attn_implementation == "auto" else attn_implementation
+    return Backbone(AutoModel.from_config(config, attn_implementation=attention), tokenizer)
 
 
 def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 1024) -> PreTrainedTokenizerFast:

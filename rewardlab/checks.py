@@ -5,18 +5,20 @@ from deep inside a library after minutes of set-up."""
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable
 from typing import Any, Literal, Union, get_args, get_origin
 
 from hydra.utils import get_object
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rewardlab.data.rows import describe_value
+from rewardlab.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting that cannot work; the message names the key and what was expected."""
 
 
@@ -68,8 +70,9 @@ def _problem(value: Any, hint: Any, where: str) -> str | None:
     return None  # callables, protocols and other hints the target checks itself
 
 
-def check_types(node: Any, key: str) -> None:
-    """Walk a config; for every `_target_`, each value it passes must fit the target's type hints."""
+def check_types(node: Any, key: str, allow_auto: tuple[str, ...] = ()) -> None:
+    """Walk a config; for every `_target_`, each value it passes must fit the target's type hints
+    (keys in `allow_auto` may also be `auto`, decided by rewardlab before the target is built)."""
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=True)
     if isinstance(node, list):
@@ -81,9 +84,10 @@ def check_types(node: Any, key: str) -> None:
     hints = _hints(get_object(node["_target_"])) if isinstance(node.get("_target_"), str) else {}
     for name, value in node.items():
         where = f"{key}.{name}" if key else name
-        if name in hints and (problem := _problem(value, hints[name], where)):
-            raise ConfigError(problem)
-        check_types(value, where)
+        if name in hints and not (where in allow_auto and value == "auto"):
+            if problem := _problem(value, hints[name], where):
+                raise ConfigError(problem)
+        check_types(value, where, allow_auto)
 
 
 def _hint_name(hint: Any) -> str:
@@ -104,3 +108,44 @@ def check_max_length(max_length: int, model_config: Any) -> None:
             f"data.max_length={max_length}: the backbone reads at most {limit} positions "
             f"(max_position_embeddings); set data.max_length <= {limit}"
         )
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Settings whose type alone does not say they can work: each key, the test, and what it expects.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32, "an integer in [0, 2^32)"),
+    "test": (lambda v: isinstance(v, bool), "true or false"),
+    "resume.allow_changes": (lambda v: isinstance(v, bool), "true or false"),
+    "optimizer.lr": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "optimizer.weight_decay": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "optimizer.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "optimizer.betas": (
+        lambda v: isinstance(v, list) and all(_number(b) and 0 <= b < 1 for b in v),
+        "numbers in [0, 1)",
+    ),
+    "model.head_lr_mult": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "trainer.gradient_clip_val": (lambda v: v is None or (_number(v) and v > 0), "null or a finite number > 0"),
+    "trainer.accumulate_grad_batches": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "trainer.val_check_interval": (
+        lambda v: (isinstance(v, float) and 0 < v <= 1) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+        "a fraction of an epoch in (0, 1] or a number of batches >= 1",
+    ),
+    "trainer.max_epochs": (lambda v: isinstance(v, int) and v >= -1, "an integer >= -1 (-1: no limit)"),
+    "trainer.max_steps": (lambda v: isinstance(v, int) and v >= -1, "an integer >= -1 (-1: no limit)"),
+}
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """The settings in `RANGES` hold values that can work (a negative learning rate, a clipping norm
+    that flips gradients, `resume.allow_changes=no` read as a truthy string: refused by key)."""
+    absent = object()
+    for key, (test, expected) in RANGES.items():
+        node = OmegaConf.select(cfg, key, default=absent)
+        if node is absent:
+            continue
+        value = OmegaConf.to_container(node) if isinstance(node, (DictConfig, ListConfig)) else node
+        if not test(value):
+            raise ConfigError(f"{key}: expected {expected}, got {describe_value(value)}")

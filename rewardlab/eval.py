@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from rewardlab.data.cache import PairDataset
+from rewardlab.errors import one_line_errors
 from rewardlab.run import finish_loggers, load_run, score_pairs, split_datamodule
 from rewardlab.runfolder import claimed
 
@@ -183,6 +184,7 @@ def evaluate(cfg: DictConfig, data_overrides: list[str]) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     with claimed(cfg, results="eval.json"):
         evaluate(cfg, [o for o in HydraConfig.get().overrides.task if o.startswith("data.")])

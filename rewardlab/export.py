@@ -32,6 +32,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 
 from rewardlab import __version__
 from rewardlab.data.batching import pad_sequences
+from rewardlab.errors import one_line_errors
 from rewardlab.model import RewardModel
 from rewardlab.run import load_run, score_pairs, split_datamodule
 from rewardlab.runfolder import claimed
@@ -208,11 +209,13 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                     "reward_mean": hf.config.reward_mean,
                     "reward_std": hf.config.reward_std,
                     "pad_token": tokenizer.pad_token,
+                    "files": sorted([p.name for p in tmp.iterdir()] + [EXPORT_FILE]),
                 },
                 indent=2,
             )
             + "\n"
         )
+        share_like_other_files(tmp)
         replace_folder(tmp, out)
     finally:  # gone once renamed into place; removes a half-written export after an error
         shutil.rmtree(tmp, ignore_errors=True)
@@ -234,6 +237,22 @@ def check_output_dir(out: Path, ckpt_path: Path, overwrite: bool) -> None:
                 f"output_dir={out} holds files that are not a rewardlab export (no {EXPORT_FILE}); "
                 "overwrite=true replaces only an earlier export"
             )
+        written = set(json.loads((out / EXPORT_FILE).read_text()).get("files", []))
+        if others := sorted(p.name for p in out.iterdir() if p.name not in written):
+            raise FileExistsError(
+                f"output_dir={out} holds files the earlier export did not write ({', '.join(others[:5])}); "
+                "overwrite=true replaces only what an export wrote: move them first"
+            )
+
+
+def share_like_other_files(folder: Path) -> None:
+    """Permissions as the umask gives new files (the temporary folder was private), so another account
+    (a serving user) can read the export as it could any folder this user writes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def replace_folder(tmp: Path, out: Path) -> None:
@@ -246,6 +265,7 @@ def replace_folder(tmp: Path, out: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     with claimed(cfg, results=None):
         export(cfg)

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from rewardlab.errors import UserError
 from rewardlab.features import FrozenTrunk
 
 if TYPE_CHECKING:
     from rewardlab.model import RewardModel
 
 
-class FreezeError(ValueError):
+class FreezeError(UserError, ValueError):
     """A freezing strategy that cannot apply to this backbone."""
 
 

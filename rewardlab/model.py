@@ -20,10 +20,12 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, Metric
 from transformers import PreTrainedModel
 
+from rewardlab.checks import ConfigError
 from rewardlab.data.rows import DataError
 from rewardlab.features import FrozenTrunk, TrunkCache, open_trunk_cache
 from rewardlab.freeze import modules_after_blocks
 from rewardlab.losses import Loss
+from rewardlab.speed import ActivationEstimate, free_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +106,7 @@ class RewardModel(L.LightningModule):
         freeze: Callable[[RewardModel], FrozenTrunk | None],
         head_lr_mult: float,
         head_init_std: float | None,
-        gradient_checkpointing: bool,
-        checkpoint_above_tokens: int | None,
+        gradient_checkpointing: bool | str,
         disable_dropout: bool,
         compile: bool,
         feature_cache_dir: str | None,
@@ -124,10 +125,15 @@ class RewardModel(L.LightningModule):
         self.pass_positions = "position_ids" in inspect.signature(backbone.forward).parameters
         if getattr(backbone, "pooler", None) is not None:
             backbone.pooler = None  # BERT-like [CLS] pooler: unused by a last-token reward, so not trained
-        self.gradient_checkpointing, self.checkpoint_above_tokens = gradient_checkpointing, checkpoint_above_tokens
-        self.checkpointing_now = gradient_checkpointing
-        if gradient_checkpointing:
+        if gradient_checkpointing not in (True, False, "auto"):
+            raise ConfigError(
+                f"model.gradient_checkpointing: expected true, false or auto, got {gradient_checkpointing!r}"
+            )
+        self.gradient_checkpointing, self.checkpointing_now = gradient_checkpointing, gradient_checkpointing is True
+        if gradient_checkpointing is True:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.activations: ActivationEstimate | None = None  # with `auto`: the estimate, and the memory it may use
+        self.activation_budget = 0
         self.trunk: FrozenTrunk | None = freeze(self)
         if compile:
             self.backbone.compile(dynamic=True)
@@ -227,15 +233,35 @@ class RewardModel(L.LightningModule):
     def _metrics(self, split: str) -> PairMetrics:
         return getattr(self, f"{split}_metrics")
 
-    def _checkpoint_if_long(self, batch: dict[str, Tensor]) -> None:
-        """Gradient checkpointing for the rare batch above `checkpoint_above_tokens` (padded) tokens:
-        peak memory is set by the longest batches, speed by the many short ones."""
-        if self.gradient_checkpointing or self.checkpoint_above_tokens is None:
+    def on_fit_start(self) -> None:
+        """With `gradient_checkpointing=auto`, a batch is checkpointed only when its estimated activations
+        would not fit in half the memory free now (the other half is for weights, optimizer and data)."""
+        if self.gradient_checkpointing != "auto":
             return
-        long = batch["input_ids"].numel() > self.checkpoint_above_tokens
-        if long != self.checkpointing_now:
-            self.checkpointing_now = long
-            if long:
+        self.activations = ActivationEstimate.of(self.backbone, str(self.trainer.precision))
+        self.activation_budget = free_memory_bytes("gpu" if self.device.type == "cuda" else "cpu") // 2
+        log.info(
+            "gradient checkpointing auto: off, and on only for a batch whose activations (estimated from its "
+            "shape and the backbone's) exceed %.1f GB, half the memory free now",
+            self.activation_budget / 2**30,
+        )
+
+    def _checkpoint_if_needed(self, batch: dict[str, Tensor]) -> None:
+        if self.activations is None:
+            return
+        sequences, length = batch["input_ids"].shape
+        needed = self.activations.bytes(sequences, length)
+        if (needed > self.activation_budget) != self.checkpointing_now:
+            self.checkpointing_now = not self.checkpointing_now
+            if self.checkpointing_now:
+                log.info(
+                    "gradient checkpointing on: a batch of %d x %d tokens needs about %.1f GB of activations, "
+                    "more than the %.1f GB budget",
+                    sequences,
+                    length,
+                    needed / 2**30,
+                    self.activation_budget / 2**30,
+                )
                 self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             else:
                 self.backbone.gradient_checkpointing_disable()
@@ -267,7 +293,7 @@ class RewardModel(L.LightningModule):
         return False
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        self._checkpoint_if_long(batch)
+        self._checkpoint_if_needed(batch)
         loss, chosen, rejected = self._step(batch, "train")
         if not self._finite(loss, batch, batch_idx):
             return None  # Lightning skips backward and the optimizer step

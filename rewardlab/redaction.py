@@ -23,9 +23,14 @@ SECRET_NAME = re.compile(
     r"(^|_)KEYS?($|_)|_PAT($|_)|_PWD($|_)",
     re.IGNORECASE,
 )
-SECRET_KEY = re.compile(
-    r"(^|[_.-])(token|secret|password|passwd|passphrase|api_?key|access_?key|private_?key|credentials?|auth)$",
-    re.IGNORECASE,
+SECRET_WORDS = (
+    r"secret[_-]?key|secret|token|password|passwd|pass|pwd|pin|passphrase|api[_-]?key|access[_-]?key|"
+    r"private[_-]?key|credentials?|auth|cookie"
+)
+SECRET_KEY = re.compile(rf"(^|[_.-])({SECRET_WORDS})$", re.IGNORECASE)
+# `password: x` or `db_token=x` inside a longer text (a dict-valued override, a tag, override_dirname)
+INLINE_SECRET = re.compile(
+    rf"(?<![A-Za-z0-9])((?:[A-Za-z0-9]+[_.-])*(?:{SECRET_WORDS}))(\s*[:=]\s*)([^\s,}}\]'\"]+)", re.IGNORECASE
 )
 SECRET_VALUE = re.compile(
     r"hf_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_\-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|"
@@ -55,21 +60,27 @@ def _mask_text(text: str, secrets: list[str]) -> str:
     text = SECRET_VALUE.sub(MASK, text)
     override = OVERRIDE.match(text)
     if override and SECRET_KEY.search(override.group(1).lstrip("+~")) and override.group(2):
-        text = f"{override.group(1)}={MASK}"
-    return text
+        return f"{override.group(1)}={MASK}"
+    return INLINE_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
 
 
 def redact(value: Any, secrets: list[str] | None = None) -> Any:
     """`value` (a config, a list of overrides, a string) with every secret replaced by `***`."""
     secrets = environment_secrets() if secrets is None else secrets
 
+    values = set(secrets)
+
     def clean(v: Any, key: str = "") -> Any:
+        if SECRET_KEY.search(key) and v not in (None, "", [], {}) and not isinstance(v, bool):
+            return MASK  # whatever a key named like a secret holds: text, a number, a list, a mapping
         if isinstance(v, dict):
             return {k: clean(x, str(k)) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
         if isinstance(v, str):
-            return MASK if v and SECRET_KEY.search(key) else _mask_text(v, secrets)
+            return _mask_text(v, secrets)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and str(v) in values:
+            return MASK
         return v
 
     return clean(value)

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-import yaml
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
@@ -22,25 +20,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from rewardlab.checks import ConfigError, check_max_length, check_types
+from rewardlab.checkpoints import MODEL_GROUPS, checked_config, read_checkpoint, stored_config
+from rewardlab.checks import ConfigError, check_max_length, check_ranges, check_types
 from rewardlab.data.formatting import ensure_pad_token
 from rewardlab.data.module import PreferenceDataModule
 from rewardlab.data.rows import DataError
 from rewardlab.freeze import FreezeError
 from rewardlab.model import RewardModel
 from rewardlab.redaction import redact
+from rewardlab.speed import Measurements, choose_speed
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
-# Groups a checkpoint's model is rebuilt from; nothing else of its stored config is ever built.
-MODEL_GROUPS = ("backbone", "model", "loss", "optimizer", "scheduler", "freeze")
 BUILT_GROUPS = (*MODEL_GROUPS, "data", "trainer", "callbacks", "logger")
-CONFIG_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
-
-
-class UntrustedCheckpoint(ValueError):
-    """A checkpoint whose stored config names something rewardlab would not build on its own."""
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
@@ -71,10 +63,30 @@ def build_model(cfg: DictConfig, backbone: Any) -> RewardModel:
 def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
     """The data and the model, from `cfg.backbone`, `cfg.data`, `cfg.model` and its groups; every
     setting is checked against what its target accepts before anything is built."""
-    for group in BUILT_GROUPS:
-        check_types(cfg.get(group), group)
+    precision, attention = cfg.trainer.precision, cfg.backbone.get("attn_implementation")
+    for group in BUILT_GROUPS:  # `auto` is decided below, once the backbone exists
+        check_types(cfg.get(group), group, allow_auto=("trainer.precision",))
+    check_ranges(cfg)
     backbone = instantiate(cfg.backbone)
     check_max_length(cfg.data.max_length, backbone.model.config)
+    why = "as configured"
+    if "auto" in (precision, attention):
+        accelerator = (
+            "gpu" if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+        )
+        precision, attention, why = choose_speed(
+            backbone.model, accelerator, precision, attention, Measurements(cfg.paths.cache_dir)
+        )
+        cfg.trainer.precision = precision
+        if "attn_implementation" in cfg.backbone:
+            cfg.backbone.attn_implementation = attention
+    log.info(
+        "speed settings: precision %s, attention %s (%s); gradient checkpointing %s",
+        precision,
+        backbone.model.config._attn_implementation,
+        why,
+        cfg.model.gradient_checkpointing,
+    )
     return instantiate(cfg.data, tokenizer=backbone.tokenizer), build_model(cfg, backbone.model)
 
 
@@ -91,74 +103,6 @@ def finish_loggers(loggers: list[Logger], exit_code: int) -> None:
             lg.experiment.finish(exit_code=exit_code)
 
 
-# ---------------------------------------------------------------------------- checkpoints are data
-
-
-@cache
-def known_targets() -> frozenset[str]:
-    """Every `_target_` the packaged configs name: all that a checkpoint may ask rewardlab to build."""
-    found: set[str] = set()
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if isinstance(node.get("_target_"), str):
-                found.add(node["_target_"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    for path in sorted(CONF_DIR.rglob("*.yaml")):
-        walk(yaml.safe_load(path.read_text()))
-    return frozenset(found)
-
-
-def checked_config(stored: Any, source: str, allow_targets: Iterable[str], trust_remote_code: bool) -> DictConfig:
-    """The groups of a checkpoint's stored config that get built (the model's and the data's), made
-    safe to build from: every `_target_` must be one of rewardlab's own (or named in `allow_targets`
-    by the user of this command), `trust_remote_code` stays off unless this command turns it on, and
-    `${...}` is text, never an interpolation."""
-    groups = (*MODEL_GROUPS, "data")
-    if not isinstance(stored, dict) or not all(isinstance(stored.get(g), dict) for g in groups):
-        raise UntrustedCheckpoint(f"{source}: its 'rewardlab_config' is not a rewardlab run config")
-    allowed = known_targets() | set(allow_targets)
-
-    def clean(node: Any, key: str) -> Any:
-        if isinstance(node, dict):
-            target = node.get("_target_")
-            if "_target_" in node and not (isinstance(target, str) and target in allowed):
-                raise UntrustedCheckpoint(
-                    f"{source}: key '{key}._target_' names {target!r}, which is not one of rewardlab's own "
-                    f"targets; nothing was built. If you trained with it yourself, allow it on this command "
-                    f"line: 'allow_targets=[{target}]'"
-                )
-            out = {}
-            for k, v in node.items():
-                if not isinstance(k, str) or (k.startswith("_") and k.endswith("_") and k not in CONFIG_KEYS):
-                    raise UntrustedCheckpoint(f"{source}: key '{key}.{k}' is not a config key rewardlab writes")
-                if k == "trust_remote_code" and v is not False and not trust_remote_code:
-                    log.warning(
-                        "%s: '%s.%s' is %r in the checkpoint; off (pass trust_remote_code=true to allow)",
-                        source,
-                        key,
-                        k,
-                        v,
-                    )
-                    v = False
-                out[k] = clean(v, f"{key}.{k}")
-            return out
-        if isinstance(node, list):
-            return [clean(v, f"{key}[{i}]") for i, v in enumerate(node)]
-        if isinstance(node, str):
-            return node.replace("${", "\\${")
-        if node is None or isinstance(node, (bool, int, float)):
-            return node
-        raise UntrustedCheckpoint(f"{source}: key '{key}' holds a {type(node).__name__}, not a config value")
-
-    return OmegaConf.create({g: clean(stored[g], g) for g in groups})
-
-
 def load_run(
     ckpt_path: str,
     allow_targets: Iterable[str] = (),
@@ -170,13 +114,9 @@ def load_run(
     from that config's model groups only, then its weights loaded. Files the rebuild writes (a
     converted backbone) go under this command's `cache_dir`, never where the checkpoint says.
     Returns (run config, model in eval mode, tokenizer)."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path: no such checkpoint {ckpt_path!r}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "rewardlab_config" not in checkpoint or "state_dict" not in checkpoint:
-        raise UntrustedCheckpoint(f"{ckpt_path}: not a rewardlab checkpoint (no 'rewardlab_config' in it)")
-    cfg = checked_config(checkpoint["rewardlab_config"], str(ckpt_path), allow_targets, trust_remote_code)
+    checkpoint = read_checkpoint(ckpt_path)
+    stored = stored_config(checkpoint, str(ckpt_path))
+    cfg = checked_config(stored, str(ckpt_path), allow_targets, trust_remote_code)
     if cache_dir is not None and "cache_dir" in cfg.backbone:
         cfg.backbone.cache_dir = str(Path(cache_dir) / "models")
     cfg.model.feature_cache_dir = None
@@ -191,12 +131,13 @@ def split_datamodule(
     data: DictConfig, split: str, tokenizer: PreTrainedTokenizerBase, cache_dir: str, report_dir: str | None
 ) -> PreferenceDataModule:
     """The datamodule for one split of `data` (the others unset), prepared and set up; its cache and
-    report go to this command's folders."""
+    report go to this command's folders, and it reads in this process (no loader workers)."""
     if split not in ("val", "test") or not data.get(f"{split}_file"):
         raise ValueError(f"split={split!r}: expected val or test, with data.{split}_file set")
     only = {f"{s}_file": None for s in ("train", "val", "test") if s != split}
     datamodule = instantiate(
-        OmegaConf.merge(data, only, {"cache_dir": cache_dir, "report_dir": report_dir}), tokenizer=tokenizer
+        OmegaConf.merge(data, only, {"cache_dir": cache_dir, "report_dir": report_dir, "num_workers": 0}),
+        tokenizer=tokenizer,
     )
     datamodule.prepare_data()
     datamodule.setup("test")

@@ -19,8 +19,10 @@ from typing import Any
 
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from rewardlab.errors import UserError
 from rewardlab.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".rewardlab.lock"
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(UserError, RuntimeError):
     """This run may not write into the folder it was given; the message says why and what to do."""
 
 
@@ -66,9 +68,9 @@ class RunFolder:
             os.close(self._fd)
             self._fd = None
 
-    def earlier_run(self, results: str) -> str | None:
-        """What an earlier run left here (its results, checkpoints or log), or None for a fresh folder."""
-        for name in (results, "checkpoints", ".hydra/config.yaml"):
+    def earlier_run(self, results: str | None) -> str | None:
+        """What an earlier run left here (its results, checkpoints or config), or None for a fresh folder."""
+        for name in ([results] if results else []) + ["checkpoints", ".hydra/config.yaml"]:
             if (self.path / name).exists():
                 return name
         return None
@@ -98,14 +100,15 @@ def launched_as_rank_zero() -> bool:
 def claimed(task: DictConfig, results: str | None, resuming: bool = False) -> Iterator[bool]:
     """Hold `task.paths.output_dir` for this command. Yields True when it holds a finished run that
     this command resumes (nothing to do: its results stay as they are), else False. A folder that
-    holds an earlier run is refused unless this command resumes it."""
+    holds an earlier run (results, checkpoints or a config) is refused unless this command resumes
+    that very run (`resuming`: its checkpoint is in this folder)."""
     if not launched_as_rank_zero():  # the other processes of a distributed run follow rank 0's claim
         yield False
         return
     folder = RunFolder(task.paths.output_dir)
     folder.claim()
     try:
-        earlier = folder.earlier_run(results) if results else None
+        earlier = folder.earlier_run(results)
         if earlier is not None and earlier == results and resuming:
             log.info("%s holds a finished run (%s): nothing to do, its results stay as they are", folder.path, results)
             yield True
@@ -120,3 +123,17 @@ def claimed(task: DictConfig, results: str | None, resuming: bool = False) -> It
         yield False
     finally:
         folder.release()
+
+
+class FreshSweepFolder(Callback):
+    """A multirun never writes into a sweep folder that holds another sweep: checked before Hydra
+    writes its `multirun.yaml` there (the jobs' own folders are then each claimed as above). Hydra
+    turns a callback's exceptions into warnings, so the refusal is an exit."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(config.hydra.sweep.dir)
+        if folder.is_dir() and any(folder.iterdir()):
+            raise SystemExit(
+                f"error: {folder} already holds a sweep; a sweep never writes into another's folder: "
+                "choose another hydra.sweep.dir"
+            )

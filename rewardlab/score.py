@@ -24,6 +24,7 @@ import csv
 import datetime
 import json
 import logging
+import math
 import os
 import uuid
 from collections import Counter
@@ -46,7 +47,8 @@ from rewardlab.data.rows import (
     check_values,
     decide_schema,
 )
-from rewardlab.data.sources import CHUNK_ROWS, Part, chunks, source_parts
+from rewardlab.data.sources import CHUNK_ROWS, Part, chunks, source_parts, split_spec
+from rewardlab.errors import one_line_errors
 from rewardlab.runfolder import claimed
 from rewardlab.scoring import Scorer
 
@@ -66,12 +68,25 @@ def _plain(value: Any) -> Any:
     return str(value)  # Decimal, timedelta, an unreadable number's own text, ...
 
 
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: such a number (kept from a parquet input) is written as its text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _json(value: Any) -> bytes:
-    """UTF-8 JSON; a lone surrogate (invalid text kept from the input) is written as its escape."""
+    """UTF-8 JSON (valid JSON: non-finite numbers as text); a lone surrogate (invalid text kept from
+    the input) is written as its escape."""
+    value = _finite(value)
     try:
-        return json.dumps(value, ensure_ascii=False, default=_plain).encode()
+        return json.dumps(value, ensure_ascii=False, default=_plain, allow_nan=False).encode()
     except UnicodeEncodeError:
-        return json.dumps(value, default=_plain).encode()
+        return json.dumps(value, default=_plain, allow_nan=False).encode()
 
 
 def _text(value: str) -> str:
@@ -151,6 +166,8 @@ def check_output(source: str, output: str, overwrite: bool) -> Path:
     """Refuse, before anything is read, an output that is the input, lies inside an input folder,
     has an unknown format, or would replace a file without `overwrite=true`."""
     out, src = Path(output).expanduser(), Path(source).expanduser()
+    if not src.exists():  # `folder:split` names a folder too
+        src = Path(split_spec(source, "train")[0]).expanduser()
     if out.suffix.lower() not in WRITERS:
         raise DataError(f"output={output}: unknown format {out.suffix!r}; expected one of {', '.join(WRITERS)}")
     if out.exists() and src.exists() and os.path.samefile(src, out):
@@ -290,6 +307,7 @@ def score_file(cfg: DictConfig) -> dict[str, int]:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="score")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     with claimed(cfg, results=None):
         score_file(cfg)

@@ -27,6 +27,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from rewardlab.data.batching import pad_sequences
 from rewardlab.data.formatting import Formatter, truncate
 from rewardlab.data.rows import DataError
+from rewardlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class RewardlabForSequenceClassification(PreTrainedModel):
 '''
 
 
-class UntrustedExport(ValueError):
+class UntrustedExport(UserError, ValueError):
     """An export folder that would make loading it run code rewardlab did not write."""
 
 
@@ -188,6 +189,9 @@ class Scorer:
         tokenized as is, the start cut (after BOS) when too long."""
         if self.tokenizer.pad_token:
             text = text.replace(self.tokenizer.pad_token, "")
+        if len(text) > self.formatter.max_chars:  # only the end can be scored: tokenize no more than that
+            bos = self.formatter.bos if text.startswith(self.formatter.bos) else ""
+            text = bos + text[-self.formatter.max_chars :]
         ids = self.formatter.encode([text])[0]
         if len(ids) <= self.max_length:
             return text, ids

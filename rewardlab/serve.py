@@ -39,6 +39,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from rewardlab.data.rows import DataError
+from rewardlab.errors import one_line_errors
 from rewardlab.runfolder import claimed
 from rewardlab.scoring import Scorer
 
@@ -250,7 +251,9 @@ class RewardService:
         return sequences
 
     def user_text(self, text: str) -> tuple[str, list[int]]:
-        """A response's own ids as training tokenizes user text: a literal `[SEP]` is characters."""
+        """A response's own ids as training tokenizes user text (a literal `[SEP]` is characters), of
+        the part that gets scored (a text far beyond max_length keeps its end, as in training)."""
+        text = self.scorer.formatter.cut(text)
         return text, self.scorer.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def checked(self, where: str, encode: Callable[..., tuple[str, list[int]]], *texts: str) -> list[int]:
@@ -388,6 +391,7 @@ def serving(cfg: DictConfig) -> Iterator[str]:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="serve")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     with claimed(cfg, results=None):
         serve(cfg)

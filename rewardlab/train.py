@@ -23,10 +23,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from rewardlab.callbacks import Throughput
+from rewardlab.checkpoints import UntrustedCheckpoint, read_checkpoint, stored_config
 from rewardlab.checks import ConfigError
 from rewardlab.data.module import PreferenceDataModule
-from rewardlab.data.rows import DataError
-from rewardlab.freeze import FreezeError
+from rewardlab.errors import UserError, one_line_errors
 from rewardlab.model import RewardModel
 from rewardlab.redaction import redact
 from rewardlab.run import build, build_trainer, finish_loggers
@@ -69,6 +69,7 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 # Settings a resumed run may change without asking: where files go and how fast it runs, not what it learns.
 FREE_ON_RESUME = {
+    "backbone.attn_implementation",
     "data.cache_dir",
     "data.report_dir",
     "data.num_workers",
@@ -97,7 +98,12 @@ def resume_changes(cfg: DictConfig, ckpt_path: str) -> list[str]:
     """What this command would train differently from the checkpoint's run, as `key: old -> new`.
     Refused unless `resume.allow_changes=true`; changes the weights or the optimizer state cannot
     take (another backbone, freezing strategy or optimizer) are refused even then."""
-    stored = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True).get("rewardlab_config") or {}
+    checkpoint = read_checkpoint(ckpt_path)
+    stored = stored_config(checkpoint, ckpt_path)
+    position = checkpoint.get("PreferenceDataModule", {})
+    keys = ("epoch", "batches_trained", "batches_per_epoch")
+    if position and not (isinstance(position, dict) and all(isinstance(position.get(k), int) for k in keys)):
+        raise UntrustedCheckpoint(f"{ckpt_path}: its data position is not {{{', '.join(keys)}}} as integers")
     current = redact(OmegaConf.to_container(cfg, resolve=True))
     keep = set(COMPARED_ON_RESUME) | {f"trainer.{k}" for k in TRAINER_ON_RESUME}
 
@@ -126,11 +132,22 @@ def resume_changes(cfg: DictConfig, ckpt_path: str) -> list[str]:
     return changes
 
 
+def continue_as_trained(cfg: DictConfig, ckpt_path: str | None) -> None:
+    """A resumed run with `trainer.precision=auto` keeps the precision it trained with (auto may decide
+    otherwise on another machine), and its attention implementation where that is auto too."""
+    if ckpt_path is None:
+        return
+    stored = stored_config(read_checkpoint(ckpt_path), ckpt_path)
+    if cfg.trainer.precision == "auto" and "precision" in stored.get("trainer", {}):
+        cfg.trainer.precision = stored["trainer"]["precision"]
+    if cfg.backbone.get("attn_implementation") == "auto" and "attn_implementation" in stored["backbone"]:
+        cfg.backbone.attn_implementation = stored["backbone"]["attn_implementation"]
+
+
 def fit_and_test(
-    cfg: DictConfig, trainer: L.Trainer, datamodule: PreferenceDataModule, model: RewardModel
+    cfg: DictConfig, trainer: L.Trainer, datamodule: PreferenceDataModule, model: RewardModel, ckpt_path: str | None
 ) -> dict[str, Any]:
-    """Fit, then test the best checkpoint when there is a test split; the metrics of both."""
-    ckpt_path = resume_path(cfg)
+    """Fit (resuming from `ckpt_path`), then test the best checkpoint when there is a test split."""
     if ckpt_path is not None and resume_changes(cfg, ckpt_path):
         model.apply_settings_on_resume = True
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -148,7 +165,11 @@ def fit_and_test(
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and test) as configured in a run folder this process holds; write and return
     `results.json`. A finished run resumed again is left as it is (its results are returned)."""
-    with claimed(cfg, "results.json", resuming=cfg.ckpt_path is not None) as finished:
+    output = Path(cfg.paths.output_dir).resolve()
+    here = cfg.ckpt_path == "last" or (
+        cfg.ckpt_path is not None and Path(cfg.ckpt_path).resolve().is_relative_to(output)
+    )
+    with claimed(cfg, "results.json", resuming=here) as finished:
         if finished:
             return json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
         return _train(cfg)
@@ -161,6 +182,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     loggers: list[Logger] = []
     try:
         L.seed_everything(cfg.seed, workers=True)
+        ckpt_path = resume_path(cfg)
+        continue_as_trained(cfg, ckpt_path)
         datamodule, model = build(cfg)
         callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
         loggers = [  # redacted: wandb tags and names hold this job's overrides, resolved
@@ -171,7 +194,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         log.info("parameters: %d total, %d trainable", params["params/total"], params["params/trainable"])
         for lg in trainer.loggers:
             lg.log_hyperparams({**model.run_config, **params})
-        results = fit_and_test(cfg, trainer, datamodule, model)
+        results = fit_and_test(cfg, trainer, datamodule, model, ckpt_path)
         for callback in callbacks:
             if isinstance(callback, Throughput):
                 results |= callback.results()
@@ -202,7 +225,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         finish_loggers(loggers, exit_code=PREEMPTED_EXIT_CODE)
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except BaseException as e:
-        user_error = isinstance(e, (DataError, ConfigError, FreezeError))
+        user_error = isinstance(e, UserError)
         log.error("run failed: %s: %s", type(e).__name__, redact(str(e)), exc_info=not user_error)
         finish_loggers(loggers, exit_code=1)
         raise
@@ -211,6 +234,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@one_line_errors
 def main(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg)

@@ -83,7 +83,6 @@ def reward_model(backbone, freeze=None, head_lr_mult: float = 1.0, disable_dropo
         head_lr_mult,
         None,
         gradient_checkpointing=False,
-        checkpoint_above_tokens=None,
         disable_dropout=disable_dropout,
         compile=False,
         feature_cache_dir=None,

@@ -80,3 +80,27 @@ def test_any_non_integer_for_an_integer_setting_is_named(key, value):
 def test_the_command_line_says_which_key_is_wrong_in_one_line(tmp_path):
     done = run_cli("data.max_length=abc", f"hydra.run.dir={tmp_path / 'run'}", "logger=none", timeout=120)
     assert done.returncode == 1 and "data.max_length: expected int, got str 'abc'" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("resume.allow_changes=no", "resume.allow_changes: expected true or false, got str 'no'"),
+        ("test=yes", "test: expected true or false, got str 'yes'"),
+        ("seed=-1", r"seed: expected an integer in \[0, 2\^32\), got int -1"),
+        ("seed=5000000000", r"seed: expected an integer in \[0, 2\^32\)"),
+        ("optimizer.lr=-1", "optimizer.lr: expected a finite number > 0, got int -1"),
+        ("optimizer.lr=nan", "optimizer.lr: expected a finite number > 0, got float nan"),
+        ("optimizer.lr=inf", "optimizer.lr: expected a finite number > 0, got float inf"),
+        ("optimizer.betas=[2.0,0.5]", r"optimizer.betas: expected numbers in \[0, 1\)"),
+        ("optimizer.weight_decay=-5", "optimizer.weight_decay: expected a finite number >= 0"),
+        ("model.head_lr_mult=-1", "model.head_lr_mult: expected a finite number > 0"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val: expected null or a finite number > 0"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches: expected an integer >= 1"),
+        ("trainer.val_check_interval=0", r"trainer.val_check_interval: expected a fraction of an epoch in \(0, 1\]"),
+        ("trainer.max_epochs=-2", "trainer.max_epochs: expected an integer >= -1"),
+    ],
+)
+def test_a_value_that_cannot_work_is_refused_naming_the_key(override, message, make_cfg):
+    with pytest.raises(ConfigError, match="^" + message):
+        build(make_cfg(override))

@@ -241,3 +241,13 @@ def test_a_failed_export_leaves_the_earlier_one_whole(trained, tmp_path, cache_d
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-written folder left
     export_to(trained["llama"], out, cache_dir, "overwrite=true")
     assert (out / "rewardlab_export.json").exists()
+
+
+def test_overwrite_refuses_files_the_earlier_export_did_not_write(trained, tmp_path, cache_dir):
+    out = tmp_path / "export"
+    export_to(trained["llama"], out, cache_dir)
+    assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # readable as other folders are, not private
+    (out / "README.md").write_text("my notes on this model")
+    with pytest.raises(FileExistsError, match=r"did not write \(README.md\)"):
+        export_to(trained["llama"], out, cache_dir, "overwrite=true")
+    assert (out / "README.md").read_text() == "my notes on this model"

@@ -80,3 +80,27 @@ def test_the_working_directory_and_paths_are_not_secrets(monkeypatch, tmp_path):
     monkeypatch.setenv("OLDPWD", "/home/someone")
     monkeypatch.setenv("DB_PWD", "hunter22")
     assert redact(f"{tmp_path}/data.jsonl /home/someone hunter22") == f"{tmp_path}/data.jsonl /home/someone ***"
+
+
+def test_whatever_a_secret_named_key_holds_is_masked(monkeypatch):
+    monkeypatch.setenv("DB_PIN_SECRET", "87654321")
+    config = {
+        "db": {"password": ["hunter2hunter2"], "pin": 87654321},
+        "svc": {"api_key": 55554444, "api-key": "k", "secret_key": "wJalrXUtnFEMI"},
+        "serve": {"token": 83920571, "pass": {"a": 1}},
+        "other": 87654321,  # the value of a secret variable, as a number
+        "trust_remote_code": False,
+    }
+    text = str(redact(config))
+    for leaked in ("hunter2hunter2", "87654321", "55554444", "wJalrXUtnFEMI", "83920571", "'a'"):
+        assert leaked not in text, leaked
+    assert "'trust_remote_code': False" in text
+
+
+def test_secrets_inside_overrides_and_their_joined_forms_are_masked():
+    overrides = ["+db={password:hunter2hunter2}", "+db.password=[hunter2hunter2]", "+s3.secret_key=wJalr"]
+    masked = redact(overrides)
+    assert not any(s in str(masked) for s in ("hunter2hunter2", "wJalr"))
+    joined = "db={password:hunter2hunter2},seed=3,x.db_token=abc123"  # Hydra's override_dirname, wandb tags
+    assert redact(joined) == "db={password:***},seed=3,x.db_token=***"
+    assert redact("special_tokens_in_text=text,max_tokens=5") == "special_tokens_in_text=text,max_tokens=5"

@@ -121,7 +121,7 @@ def test_allowed_changes_really_apply(checkpoint, make_cfg, tmp_path):
 def test_changes_a_checkpoint_cannot_take_are_refused_even_when_allowed(checkpoint, make_cfg, tmp_path):
     cfg = make_cfg(*STEPS, f"ckpt_path={checkpoint}", "backbone.num_layers=3", "resume.allow_changes=true")
     cfg.paths.output_dir = str(tmp_path / "resumed")
-    with pytest.raises(ValueError, match="cannot take these: backbone.num_layers: 2 -> 3"):
+    with pytest.raises(ValueError, match="cannot take these: backbone.num_layers: 2 -> 3$"):
         train(cfg)
 
 
@@ -134,3 +134,34 @@ def test_a_checkpoint_that_would_run_code_on_resume_is_refused(make_cfg, tmp_pat
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
         train(make_cfg(*STEPS, f"ckpt_path={tmp_path / 'evil.ckpt'}"))
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_other_commands_never_write_into_a_training_run_folder(checkpoint, make_cfg, tmp_path, cache_dir):
+    from rewardlab.export import main as export_main
+
+    run = Path(make_cfg().paths.output_dir)
+    before = (run / ".hydra").exists(), sorted(p.name for p in run.iterdir())
+    done = run_cli(
+        f"ckpt_path={checkpoint}", f"output_dir={tmp_path / 'rm'}", f"hydra.run.dir={run}", module="rewardlab.export"
+    )
+    assert done.returncode == 1 and "already holds a run (checkpoints)" in done.stderr
+    assert (run / ".hydra").exists() == before[0] and sorted(p.name for p in run.iterdir()) == before[1]
+    assert export_main  # the command exists as a module entry point
+
+
+def test_a_checkpoint_of_another_run_never_resumes_into_an_unfinished_folder(checkpoint, make_cfg, tmp_path):
+    unfinished = make_cfg(*STEPS, folder="other")
+    Path(unfinished.paths.output_dir, "checkpoints").mkdir(parents=True)  # what an interrupted run leaves
+    cfg = make_cfg(*STEPS, f"ckpt_path={checkpoint}", folder="other")
+    with pytest.raises(RunFolderError, match="already holds a run \\(checkpoints\\)"):
+        train(cfg)
+
+
+def test_a_sweep_never_writes_into_another_sweeps_folder(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    first = run_cli("-m", "seed=1", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={cache_dir}", *CLI)
+    assert first.returncode == 0, first.stderr[-2000:]
+    multirun = (sweep / "multirun.yaml").read_bytes()
+    again = run_cli("-m", "seed=2", f"hydra.sweep.dir={sweep}", f"paths.cache_dir={cache_dir}", *CLI)
+    assert again.returncode != 0 and "already holds a sweep" in again.stderr
+    assert (sweep / "multirun.yaml").read_bytes() == multirun and not (sweep / "1").exists()

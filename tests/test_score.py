@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import math
 import os
 from decimal import Decimal
 from pathlib import Path
@@ -131,7 +132,7 @@ def test_pairs_are_checked_with_the_schema_all_rows_of_their_file_support(fake, 
 # --------------------------------------------------------------------------- the input is never harmed
 
 
-@pytest.mark.parametrize("how", ["same", "dotted", "symlink", "hardlink", "inside_folder"])
+@pytest.mark.parametrize("how", ["same", "dotted", "symlink", "hardlink", "inside_folder", "inside_folder_split"])
 @pytest.mark.parametrize("overwrite", ["false", "true"])
 def test_an_output_that_is_the_input_is_refused_before_anything_is_read(
     how, overwrite, fake, tmp_path, cache_dir, monkeypatch
@@ -147,12 +148,13 @@ def test_an_output_that_is_the_input_is_refused_before_anything_is_read(
         "symlink": tmp_path / "link.jsonl",
         "hardlink": tmp_path / "hard.jsonl",
         "inside_folder": folder / "scores.jsonl",
+        "inside_folder_split": folder / "scores.jsonl",
     }[how]
     if how == "symlink":
         output.symlink_to(source)
     if how == "hardlink":
         os.link(source, output)
-    spec = folder if how == "inside_folder" else source
+    spec = {"inside_folder": folder, "inside_folder_split": f"{folder}:train"}.get(how, source)
 
     def no_reading(*args: object) -> None:
         raise AssertionError("read the input")
@@ -225,6 +227,8 @@ VALUES = {
     "meta": {"source": "web", "scores": [1.5, 2.5]},
     "count": 2**62,
     "missing": None,
+    "ratio": float("nan"),
+    "limit": float("inf"),
 }
 
 
@@ -241,13 +245,17 @@ def test_values_of_any_type_pass_through_into_the_output(suffix, fake, tmp_path,
     assert counts == {"rows": 4, "scored": 3, "errors": 1}
     if suffix == ".parquet":
         out = pq.read_table(output).to_pylist()
-        assert all({k: o[k] for k in VALUES} == VALUES for o in out)  # types kept
+        same = [{k: o[k] for k in VALUES if k not in ("ratio", "limit")} for o in out]
+        assert all(o == {k: v for k, v in VALUES.items() if k not in ("ratio", "limit")} for o in same)  # types kept
+        assert math.isnan(out[0]["ratio"]) and out[0]["limit"] == float("inf")
         assert [o["response"] for o in out] == ["r0", "r1", "r2", " "] and out[3]["reward"] is None
     elif suffix == ".jsonl":
         out = read_jsonl(output)
         assert out[0]["day"] == "2024-02-29" and out[0]["moment"] == "2024-02-29T12:30:01.000500+00:00"
         assert out[0]["price"] == "12.50" and out[0]["meta"] == VALUES["meta"] and out[3]["count"] == 2**62
         assert "error" in out[3] and out[3]["tags"] == ["a", "b"]
+        assert (out[0]["ratio"], out[0]["limit"]) == ("nan", "inf")  # valid JSON: no NaN or Infinity
+        assert "NaN" not in output.read_text() and "Infinity" not in output.read_text()
     else:
         with open(output, newline="", encoding="utf-8") as f:
             out = list(csv.DictReader(f))

@@ -128,36 +128,56 @@ class Formatter:
     def encode_items(self, items: list[tuple[str | list[dict], str | list[dict]]]) -> list[Encoded | str]:
         """Encode (prompt, response) items in one batch: an `Encoded` each, or, for an item this
         formatter refuses, the reason (a special token written in its text, with `bad_row`)."""
-        items = [(self._cut(p), self._cut(r)) for p, r in items]
+        items = [(self.cut(p), self.cut(r)) for p, r in items]
         out: list[Encoded | str | None] = [None] * len(items)
-        plain = []
+        plain: list[tuple[int, str, str]] = []
         for i, (prompt, response) in enumerate(items):
-            token = self.special_token_in(prompt, response)
+            head, full = self.texts(prompt, response)
+            token = self.special_token_in(prompt, response) or self._formed_at_a_join(full, prompt, response)
             if token is None:
-                plain.append(i)
+                plain.append((i, head, full))
             elif self.special_policy == "bad_row":
                 out[i] = (
                     f"contains the tokenizer's special token {token!r} as text (data.special_tokens_in_text=bad_row)"
                 )
             else:
                 out[i] = self._encode_segments(prompt, response)
-        texts = [self.texts(*items[i]) for i in plain]
-        ids = self.encode([full for _, full in texts] + [head for head, _ in texts]) if plain else []
-        for k, i in enumerate(plain):
+        ids = self.encode([full for *_, full in plain] + [head for _, head, _ in plain]) if plain else []
+        for k, (i, *_) in enumerate(plain):
             out[i] = Encoded(ids[k], len(ids[len(plain) + k]))
         return out
 
-    def _cut(self, part: str | list[dict]) -> str | list[dict]:
+    def _formed_at_a_join(self, full: str, prompt: str | list[dict], response: str | list[dict]) -> str | None:
+        """A special token that the user's text forms only together with its neighbour (`plain` joins
+        `...[SE` and `P]...` into `[SEP]`): more special tokens in the text than the format puts there."""
+        if self.specials is None:
+            return None
+        found = self.specials.findall(full)
+        if self.style == "chat":
+            messages, n = self._messages(prompt, response)
+            neutral = [{**m, "content": "x"} for m in messages]
+            expected = len(self.specials.findall(self.texts(neutral[:n], neutral[n:])[1]))
+        else:
+            expected = len(self.specials.findall(self.texts("x", "x")[1]))
+        return found[-1] if len(found) != expected else None
+
+    def cut(self, part: str | list[dict]) -> str | list[dict]:
         """A text longer than `max_chars` keeps its last `max_chars` characters: more than `max_length`
-        tokens' worth, and the end is what truncation keeps (of a prompt and of a response alike)."""
+        tokens' worth, and the end is what truncation keeps (of a prompt and of a response alike). A
+        message list keeps its last messages within the same budget (each counts at least 16 characters
+        for its template markup), the earliest of them cut to fit."""
         if self.max_chars is None:
             return part
         if isinstance(part, str):
             return part[-self.max_chars :]
-        return [
-            m if len(m["content"]) <= self.max_chars else {**m, "content": m["content"][-self.max_chars :]}
-            for m in part
-        ]
+        kept, room = [], self.max_chars
+        for message in reversed(part):
+            if room <= 0:
+                break
+            content = message["content"]
+            kept.append(message if len(content) <= room else {**message, "content": content[-room:]})
+            room -= len(content) + 16
+        return kept[::-1]
 
     def _messages(self, prompt: str | list[dict], response: str | list[dict]) -> tuple[list[dict], int]:
         prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt

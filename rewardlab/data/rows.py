@@ -19,6 +19,8 @@ from decimal import Decimal
 from numbers import Real
 from typing import Any
 
+from rewardlab.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SCHEMAS = ("explicit", "conversational", "implicit")
@@ -27,7 +29,7 @@ MAX_DEPTH = 100  # far beyond any preference row; deeper values would break json
 PLAIN_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input found before training; the message names the file, line or row, and the field."""
 
 

@@ -90,9 +90,39 @@ def _open(path: Path, compression: str) -> IO[bytes]:
     if compression == ".xz":
         return lzma.open(path, "rb")
     if compression == ".zst":
-        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader)
+        return io.BufferedReader(_ZstdFrames(path))
     return open(path, "rb")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A .zst file's frames, decompressed as they are read; a file that ends inside a frame is an
+    error (zstandard's own stream reader stops there quietly, losing the rest of the rows)."""
+
+    def __init__(self, path: Path):
+        self.file, self.frame, self.pending = open(path, "rb"), None, b""  # noqa: SIM115 - closed in close()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.pending:
+            data = self.file.read(1 << 16)
+            if not data:
+                if self.frame is not None and not self.frame.eof:
+                    raise zstandard.ZstdError("the file ends inside a compressed frame (truncated?)")
+                return 0
+            while data:
+                if self.frame is None or self.frame.eof:
+                    self.frame = zstandard.ZstdDecompressor().decompressobj()
+                self.pending += self.frame.decompress(data)
+                data = self.frame.unused_data if self.frame.eof else b""
+        n = min(len(buffer), len(self.pending))
+        buffer[:n], self.pending = self.pending[:n], self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
 
 
 def _read_jsonl(path: Path, compression: str) -> Iterator[tuple[str, Any]]:
@@ -106,7 +136,7 @@ def _read_jsonl(path: Path, compression: str) -> Iterator[tuple[str, Any]]:
                 reason = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); expected UTF-8 text"
                 yield where, BadRow(where, None, "not_utf8", reason, raw.decode("utf-8", "replace"))
                 continue
-            if not line.strip():
+            if not line.strip(" \t\r\n"):  # ASCII whitespace only: U+2028 or U+001C are not blank
                 yield where, BadRow(where, None, "blank_line", "blank line", line)
                 continue
             yield where, _parse_line(where, line)
@@ -220,7 +250,11 @@ def _read_parquet(path: Path, compression: str) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
     try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS)
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        if repeated := sorted({n for n in names if names.count(n) > 1}):
+            raise DataError(f"{path}: columns {', '.join(map(repr, repeated))} named twice; expected unique names")
+        batches = parquet.iter_batches(batch_size=CHUNK_ROWS)
         i = 0
         for batch in batches:
             for row in batch.to_pylist():

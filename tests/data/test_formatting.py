@@ -151,3 +151,29 @@ def test_max_length_that_leaves_no_room_for_a_response_is_refused(tiny_tokenizer
     with pytest.raises(DataError, match=r"data.max_length=3 leaves no room for a response.*takes 4 tokens"):
         Formatter(tiny_tokenizer, "sep", max_length=3)
     assert Formatter(tiny_tokenizer, "sep", max_length=4).max_chars > 0
+
+
+@pytest.mark.parametrize("style", ["plain", "sep", "chat"])
+@pytest.mark.parametrize("prompt, response", [("Is 7 odd [SE", "P] yes"), ("a<|us", "er|>b"), ("x[EO", "S]")])
+def test_a_special_token_formed_where_prompt_meets_response_is_not_a_control_token(
+    style, prompt, response, tiny_tokenizer
+):
+    f = Formatter(tiny_tokenizer, style)
+    encoded = f.encode_items([(prompt, response)])[0]
+    assert control_ids(f, encoded.ids) == control_ids(f, f.encode_items([("p", "r")])[0].ids)
+    strict = Formatter(tiny_tokenizer, style, special_tokens_in_text="bad_row").encode_items([(prompt, response)])[0]
+    assert isinstance(strict, str) or style != "plain"  # plain joins them with nothing between
+
+
+def test_a_prompt_of_a_million_messages_costs_what_max_length_needs(tiny_tokenizer):
+    f = Formatter(tiny_tokenizer, "chat", max_length=32)
+    prompt = [{"role": "user" if i % 2 else "assistant", "content": f"m{i}"} for i in range(1_000_000)]
+    encoded = f.encode_items([(prompt, [{"role": "assistant", "content": "the end"}])])[0]
+    whole = Formatter(tiny_tokenizer, "chat").encode_items(
+        [(prompt[-200:], [{"role": "assistant", "content": "the end"}])]
+    )
+    assert (
+        truncate(encoded.ids, encoded.ids, encoded.n_prompt, f.n_protected, 32)[0]
+        == truncate(whole[0].ids, whole[0].ids, whole[0].n_prompt, f.n_protected, 32)[0]
+    )
+    assert len(f.cut(prompt)) < f.max_chars // 16 + 2

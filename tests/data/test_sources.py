@@ -328,3 +328,35 @@ def test_reading_costs_little_more_than_the_file(fmt, limit, tmp_path):
     finally:
         tracemalloc.stop()
     assert n == len(rows) and peak < limit * len(data), (peak, len(data))
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.5, 0.9])
+def test_a_compressed_file_cut_short_is_an_error_not_fewer_rows(cut, tmp_path):
+    rows = "".join(json.dumps({"prompt": f"p{i}", "chosen": "a" * 250, "rejected": "b"}) + "\n" for i in range(3000))
+    whole = {".zst": zstandard.ZstdCompressor().compress, ".gz": gzip.compress, ".xz": lzma.compress}
+    for suffix, compress in whole.items():
+        blob = compress(rows.encode())
+        (tmp_path / f"two.jsonl{suffix}").write_bytes(blob + blob)  # several frames/members read as one file
+        assert sum(1 for _ in read_source(str(tmp_path / f"two.jsonl{suffix}"), "train")) == 6000
+        cut_file = tmp_path / f"cut.jsonl{suffix}"
+        cut_file.write_bytes(blob[: int(len(blob) * cut)])
+        with pytest.raises(DataError, match=f"{re.escape(str(cut_file))}: cannot read it"):
+            list(read_source(str(cut_file), "train"))
+
+
+def test_a_parquet_file_with_a_column_named_twice_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_arrays([pa.array(["p"]), pa.array(["a"]), pa.array(["b"]), pa.array(["c"])],
+                                 names=["prompt", "chosen", "rejected", "chosen"])  # fmt: skip
+    pq.write_table(table, tmp_path / "dup.parquet")
+    with pytest.raises(DataError, match="dup.parquet: columns 'chosen' named twice"):
+        list(read_source(str(tmp_path / "dup.parquet"), "train"))
+
+
+@pytest.mark.parametrize("line", ["\u2028", "\x1c", "\u00a0", "\u3000"])
+def test_a_line_of_unicode_separators_is_a_row_not_a_blank_line(line, tmp_path):
+    path = write(tmp_path, "t.jsonl", json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" + line + "\n")
+    second = [row for _, row in read_source(str(path), "train")][1]
+    assert isinstance(second, BadRow) and second.code != "blank_line"

@@ -1,0 +1,133 @@
+"""A checkpoint is data, never code.
+
+`read_checkpoint` reads one with `weights_only` (tensors and plain values: no pickled code), refusing
+archives that would unpack into far more memory than their size (torch writes checkpoints
+uncompressed) and naming the file when torch cannot read it. `checked_config` turns the run config
+a checkpoint carries into one that rebuilds only what rewardlab itself would build: per group, the
+`_target_`s its packaged configs name there (or a target the user allows on the command line), no
+nested targets, no positional arguments, no interpolations, and `trust_remote_code` off unless the
+command turns it on.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from rewardlab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+# Groups a checkpoint's model and data are rebuilt from; nothing else of its stored config is ever built.
+MODEL_GROUPS = ("backbone", "model", "loss", "optimizer", "scheduler", "freeze")
+BUILT_FROM_CHECKPOINT = (*MODEL_GROUPS, "data")
+CONFIG_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_"}
+
+
+class UntrustedCheckpoint(UserError, ValueError):
+    """A checkpoint rewardlab will not load: what it holds and what was expected."""
+
+
+@cache
+def group_targets() -> dict[str, frozenset[str]]:
+    """For each group built from a checkpoint, the `_target_`s its packaged configs name at its top."""
+    found: dict[str, set[str]] = {group: set() for group in BUILT_FROM_CHECKPOINT}
+    for group in found:
+        for path in (CONF_DIR / group).glob("*.yaml"):
+            target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
+            if isinstance(target, str):
+                found[group].add(target)
+    found["model"].add(yaml.safe_load((CONF_DIR / "train.yaml").read_text())["model"]["_target_"])
+    return {group: frozenset(targets) for group, targets in found.items()}
+
+
+def known_targets() -> frozenset[str]:
+    return frozenset().union(*group_targets().values())
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's contents (memory-mapped tensors), or an `UntrustedCheckpoint` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path: no such checkpoint file {str(path)!r} (a .ckpt file)")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            packed = [m.filename for m in archive.infolist() if m.compress_type != zipfile.ZIP_STORED]
+        if packed:
+            raise UntrustedCheckpoint(
+                f"{path}: holds compressed members ({packed[0]}, ...); torch writes checkpoints uncompressed, "
+                "and a compressed one can unpack into far more memory than its size, so it is not read"
+            )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # noqa: BLE001 - whatever torch says, the user hears which file and why
+        raise UntrustedCheckpoint(
+            f"{path}: not a checkpoint torch can read safely ({type(e).__name__}: {str(e)[:200].partition(chr(10))[0]})"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise UntrustedCheckpoint(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint")
+    return checkpoint
+
+
+def stored_config(checkpoint: dict[str, Any], source: str) -> dict[str, Any]:
+    """The run config a rewardlab checkpoint carries, checked to be one."""
+    config = checkpoint.get("rewardlab_config")
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UntrustedCheckpoint(f"{source}: its 'state_dict' is not a mapping of tensors")
+    if not isinstance(config, dict) or not all(isinstance(config.get(g), dict) for g in BUILT_FROM_CHECKPOINT):
+        raise UntrustedCheckpoint(f"{source}: its 'rewardlab_config' is not a rewardlab run config")
+    return config
+
+
+def checked_config(stored: Any, source: str, allow_targets: Iterable[str], trust_remote_code: bool) -> DictConfig:
+    """The groups of a checkpoint's stored config that get built (the model's and the data's), safe
+    to build from (see the module's docstring)."""
+    if not isinstance(stored, dict) or not all(isinstance(stored.get(g), dict) for g in BUILT_FROM_CHECKPOINT):
+        raise UntrustedCheckpoint(f"{source}: its 'rewardlab_config' is not a rewardlab run config")
+    allowed = set(allow_targets)
+
+    def refuse(key: str, what: str) -> UntrustedCheckpoint:
+        return UntrustedCheckpoint(f"{source}: key '{key}' {what}; nothing was built")
+
+    def clean(node: Any, key: str, top: bool) -> Any:
+        if isinstance(node, dict):
+            if "_target_" in node:
+                target = node["_target_"]
+                group = key.split(".")[0]
+                if not top:
+                    raise refuse(f"{key}._target_", f"names {target!r} inside a group; rewardlab's configs never do")
+                if not (isinstance(target, str) and (target in group_targets()[group] or target in allowed)):
+                    raise refuse(
+                        f"{key}._target_",
+                        f"names {target!r}, which is not one of rewardlab's own targets for {group!r}. If you "
+                        f"trained with it yourself, allow it on this command line: 'allow_targets=[{target}]'",
+                    )
+            out = {}
+            for k, v in node.items():
+                if not isinstance(k, str) or (k.startswith("_") and k.endswith("_") and k not in CONFIG_KEYS):
+                    raise refuse(f"{key}.{k}", "is not a config key rewardlab writes")
+                if k == "trust_remote_code" and v is not False and not trust_remote_code:
+                    log.warning("%s: '%s.%s' is %r in the checkpoint; off (pass trust_remote_code=true to allow)",
+                                source, key, k, v)  # fmt: skip
+                    v = False
+                out[k] = clean(v, f"{key}.{k}", top=False)
+            return out
+        if isinstance(node, list):
+            return [clean(v, f"{key}[{i}]", top=False) for i, v in enumerate(node)]
+        if isinstance(node, str) and "${" in node:
+            raise refuse(key, "holds '${', an interpolation; a stored config is resolved and never holds one")
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        raise refuse(key, f"holds a {type(node).__name__}, not a config value")
+
+    return OmegaConf.create({g: clean(stored[g], g, top=True) for g in BUILT_FROM_CHECKPOINT})
