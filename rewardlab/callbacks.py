@@ -67,7 +67,7 @@ class Throughput(Callback):
     """
 
     def __init__(self) -> None:
-        self.pairs = self.real_tokens = self.padded_tokens = 0
+        self.pairs = self.real_tokens = self.padded_tokens = self.attended = 0
         self.seconds = 0.0
         self.epoch_seconds: list[float] = []  # training time of each epoch
         self.test_pairs, self.test_seconds = 0, 0.0
@@ -128,7 +128,8 @@ class Throughput(Callback):
         world = trainer.world_size
         self.pairs += mask.shape[0] // 2 * world
         self.real_tokens += int(mask.sum()) * world
-        self.padded_tokens += mask.numel() * world
+        self.padded_tokens += int(batch["padded_tokens"]) * world  # what the passes processed
+        self.attended += int(mask.sum(1).square().sum()) * world  # Σ length², for attention FLOPs
 
     def results(self) -> dict[str, float]:
         seconds = max(self.seconds, 1e-9)
@@ -136,6 +137,8 @@ class Throughput(Callback):
             "train/pairs_per_s": self.pairs / seconds,
             "train/tokens_per_s": self.real_tokens / seconds,
             "train/padding_efficiency": self.real_tokens / max(self.padded_tokens, 1),
+            "train/tokens": self.real_tokens,
+            "train/token_pairs_attended": self.attended,
             "train/seconds": self.seconds,
             "train/epoch_seconds": [round(s, 3) for s in self.epoch_seconds],
         } | ({"test/pairs_per_s": self.test_pairs / max(self.test_seconds, 1e-9)} if self.test_seconds else {})

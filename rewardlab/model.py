@@ -175,7 +175,20 @@ class RewardModel(L.LightningModule):
         the frozen trunk's outputs are read back instead of recomputed."""
         if self.trunk_cache is not None and split in self.trunk_cache.caches:
             return self.trunk_cache.rewards(self, batch, split).chunk(2)
-        return self(batch["input_ids"], batch["attention_mask"]).chunk(2)
+        return self.batch_rewards(batch).chunk(2)
+
+    def batch_rewards(self, batch: dict[str, Any]) -> Tensor:
+        """Rewards of a batch's `(2B, L)` sequences; where the collator grouped them by length
+        (`chunks`), one pass per group, each only as wide as its own longest sequence."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if "chunks" not in batch:
+            return self(ids, mask)
+        right = bool(mask[:, 0].all())  # right padding: every row starts with a real token
+        parts = []
+        for rows, width in zip(batch["chunks"], batch["chunk_widths"]):
+            cols = slice(0, width) if right else slice(ids.shape[1] - width, None)
+            parts.append(self(ids[rows][:, cols], mask[rows][:, cols]))
+        return torch.cat(parts)[torch.argsort(torch.cat(batch["chunks"]))]
 
     def setup(self, stage: str) -> None:
         """Before fitting: check margins where the loss needs them; open the frozen-trunk caches."""

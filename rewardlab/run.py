@@ -144,13 +144,24 @@ def split_datamodule(
     return datamodule
 
 
+def move_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch's tensors (also those in lists, as length chunks) on `device`; other values as they are."""
+
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        return [move(v) for v in value] if isinstance(value, list) else value
+
+    return {k: move(v) for k, v in batch.items()}
+
+
 @torch.inference_mode()
 def score_pairs(model: RewardModel, loader: DataLoader, bf16: bool = False) -> dict[str, np.ndarray]:
     """Rewards of chosen and rejected for every pair the loader yields, in pair-index order."""
     chosen, rejected, index = [], [], []
     for batch in loader:
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-            c, r = model.pair_rewards({k: v.to(model.device) for k, v in batch.items()})
+            c, r = model.pair_rewards(move_to_device(batch, model.device))
         chosen.append(c.float().cpu())
         rejected.append(r.float().cpu())
         index.append(batch["index"])

@@ -68,13 +68,34 @@ def test_one_concatenated_pass_equals_two_separate_passes(family):
     model = build(family)
     chosen, rejected = SEQS, [[1, 40, 2], [1, 41, 42, 43, 44, 45, 46, 47, 48, 2], [1, 5, 6, 2]]
     items = [{"chosen": c, "rejected": r, "margin": 0.0, "index": i} for i, (c, r) in enumerate(zip(chosen, rejected))]
-    batch = PairCollator(pad_id=0)(items)
+    batch = PairCollator(0, "right", None, 1, 0)(items)
     assert batch["input_ids"].shape == (6, 10)
     with torch.no_grad():
         joint_c, joint_r = model.pair_rewards(batch)
         sep_c, sep_r = model(*padded(chosen, "right")), model(*padded(rejected, "right"))
     assert torch.allclose(joint_c, sep_c, atol=1e-5)
     assert torch.allclose(joint_r, sep_r, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_batch_run_in_length_chunks_gives_the_same_rewards_loss_and_gradients(family, side):
+    model = build(family)
+    model.train()
+    chosen, rejected = SEQS, [[1, 40, 2], [1, 41, 42, 43, 44, 45, 46, 47, 48, 2], [1, 5, 6, 2]]
+    items = [{"chosen": c, "rejected": r, "margin": 0.0, "index": i} for i, (c, r) in enumerate(zip(chosen, rejected))]
+    results = []
+    for max_chunks in (1, 3):
+        batch = PairCollator(0, side, None, max_chunks, 0)(items)
+        assert ("chunks" in batch) == (max_chunks > 1)
+        model.zero_grad()
+        c, r = model.pair_rewards(batch)
+        loss = model.loss_fn(c, r, batch["margin"])
+        loss.backward()
+        results.append((c.detach(), r.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (c1, r1, g1), (c3, r3, g3) = results
+    assert torch.allclose(c1, c3, atol=1e-5) and torch.allclose(r1, r3, atol=1e-5)
+    assert len(g1) == len(g3) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g3))
 
 
 def test_head_is_linear_without_bias_and_rewards_are_float32():

@@ -31,23 +31,66 @@ def pad_sequences(
     return input_ids, attention_mask
 
 
+def length_chunks(lengths: np.ndarray, max_chunks: int, overhead_tokens: int) -> list[np.ndarray]:
+    """Split sequences into at most `max_chunks` groups of similar length (contiguous in length
+    order) that minimise the tokens processed: each group padded to its own longest, plus
+    `overhead_tokens` for every extra forward pass. One group when splitting does not pay."""
+    order = np.argsort(lengths, kind="stable")
+    ranked = lengths[order]
+    n = len(ranked)
+    # best[k][i]: least cost of the first i sequences in k groups; cut[k][i]: where the last group starts
+    best = np.full((max_chunks + 1, n + 1), np.inf)
+    cut = np.zeros((max_chunks + 1, n + 1), dtype=int)
+    best[0][0] = 0
+    for k in range(1, max_chunks + 1):
+        for i in range(k, n + 1):
+            starts = np.arange(k - 1, i)
+            costs = best[k - 1][starts] + (i - starts) * ranked[i - 1] + overhead_tokens
+            j = int(np.argmin(costs))
+            best[k][i], cut[k][i] = costs[j], starts[j]
+    k = int(np.argmin(best[1:, n])) + 1
+    groups, end = [], n
+    while k:
+        start = cut[k][end]
+        groups.append(order[start:end])
+        end, k = start, k - 1
+    return groups[::-1]
+
+
 @dataclass
 class PairCollator:
-    """Stacks chosen then rejected into one `(2B, L)` batch, padded to the longest sequence in it."""
+    """Stacks chosen then rejected into one `(2B, L)` batch, padded to the longest sequence in it.
+
+    With `max_chunks` > 1 the batch also names groups of similar length (`chunks`: row indices) that
+    the model runs as separate passes, each padded only to its own longest sequence: chosen and
+    rejected often differ in length, so one padded block would spend much of its work on padding.
+    `padded_tokens` counts the tokens the passes process."""
 
     pad_id: int
-    padding_side: str = "right"
-    pad_to_multiple_of: int | None = None
+    padding_side: str
+    pad_to_multiple_of: int | None
+    max_chunks: int
+    chunk_overhead_tokens: int
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         seqs = [it["chosen"] for it in items] + [it["rejected"] for it in items]
         input_ids, attention_mask = pad_sequences(seqs, self.pad_id, self.padding_side, self.pad_to_multiple_of)
-        return {
+        lengths = np.array([len(s) for s in seqs])
+        chunks = length_chunks(lengths, self.max_chunks, self.chunk_overhead_tokens) if self.max_chunks > 1 else []
+        widths = [int(lengths[c].max()) for c in chunks] if len(chunks) > 1 else [input_ids.shape[1]]
+        if self.pad_to_multiple_of:
+            widths = [-(-w // self.pad_to_multiple_of) * self.pad_to_multiple_of for w in widths]
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "margin": torch.tensor([it["margin"] for it in items], dtype=torch.float32),
             "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+            "padded_tokens": sum(w * len(c) for w, c in zip(widths, chunks)) if len(chunks) > 1 else input_ids.numel(),
         }
+        if len(chunks) > 1:
+            batch["chunks"] = [torch.from_numpy(c) for c in chunks]
+            batch["chunk_widths"] = widths
+        return batch
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):

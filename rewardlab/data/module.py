@@ -52,6 +52,8 @@ class PreferenceDataModule(L.LightningDataModule):
         group_batches: int,
         padding_side: str,
         pad_to_multiple_of: int | None,
+        max_chunks: int,
+        chunk_overhead_tokens: int,
         num_workers: int,
         cache_dir: str,
         report_dir: str | None,
@@ -66,6 +68,8 @@ class PreferenceDataModule(L.LightningDataModule):
             ("group_batches", group_batches, 1),
             ("max_length", max_length, 2),
             ("pad_to_multiple_of", pad_to_multiple_of, 1),
+            ("max_chunks", max_chunks, 1),
+            ("chunk_overhead_tokens", chunk_overhead_tokens, 0),
             ("num_workers", num_workers, 0),
         ):
             if value is not None and value < least:
@@ -92,7 +96,9 @@ class PreferenceDataModule(L.LightningDataModule):
         )
         self.batch_size, self.eval_batch_size, self.eval_max_tokens = batch_size, eval_batch_size, eval_max_tokens
         self.val_fraction, self.group_by_length, self.group_batches = val_fraction, group_by_length, group_batches
-        self.collator = PairCollator(tokenizer.pad_token_id, padding_side, pad_to_multiple_of)
+        self.collator = PairCollator(
+            tokenizer.pad_token_id, padding_side, pad_to_multiple_of, max_chunks, chunk_overhead_tokens
+        )
         self.num_workers, self.seed = num_workers, seed
         self.cache_dir = Path(cache_dir)
         self.report_dir = Path(report_dir) if report_dir else None

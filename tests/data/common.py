@@ -35,6 +35,8 @@ def datamodule(tokenizer, tmp_path: Path, **overrides) -> PreferenceDataModule:
         group_batches=50,
         padding_side="right",
         pad_to_multiple_of=None,
+        max_chunks=4,
+        chunk_overhead_tokens=16,
         num_workers=0,
         cache_dir=str(tmp_path / "cache"),
         report_dir=str(tmp_path / "run"),

@@ -6,8 +6,10 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from rewardlab.data.batching import LengthGroupedBatchSampler, PairCollator
+from rewardlab.data.batching import LengthGroupedBatchSampler, PairCollator, length_chunks
 from rewardlab.data.rows import DataError
 
 
@@ -16,10 +18,10 @@ def test_collator_pads_right_or_left_and_stacks_chosen_then_rejected():
         {"chosen": np.array([5, 6, 7]), "rejected": np.array([8]), "margin": 1.0, "index": 0},
         {"chosen": np.array([9, 9]), "rejected": np.array([4, 4, 4, 4]), "margin": float("nan"), "index": 1},
     ]
-    right = PairCollator(pad_id=0)(items)
+    right = PairCollator(0, "right", None, 1, 0)(items)
     assert right["input_ids"].tolist() == [[5, 6, 7, 0], [9, 9, 0, 0], [8, 0, 0, 0], [4, 4, 4, 4]]
     assert right["attention_mask"].sum(1).tolist() == [3, 2, 1, 4]
-    left = PairCollator(pad_id=0, padding_side="left", pad_to_multiple_of=8)(items)
+    left = PairCollator(0, "left", 8, 1, 0)(items)
     assert left["input_ids"].shape == (4, 8) and left["input_ids"][0].tolist() == [0] * 5 + [5, 6, 7]
     assert right["margin"][0] == 1.0 and math.isnan(right["margin"][1])
 
@@ -65,3 +67,31 @@ def test_eval_batches_respect_a_token_budget():
     assert sorted(i for b in batches for i in b) == list(range(8)) and len(sampler) == len(batches) == 4
     ranked = [list(LengthGroupedBatchSampler(lengths, 4, False, True, 50, 0, r, 2, max_tokens=200)) for r in (0, 1)]
     assert len(ranked[0]) == len(ranked[1]) and sorted(i for rk in ranked for b in rk for i in b) == list(range(8))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 300), min_size=1, max_size=40),
+    max_chunks=st.integers(1, 5),
+    overhead=st.integers(0, 500),
+)
+def test_length_chunks_cover_every_sequence_once_and_never_cost_more_than_one_pass(lengths, max_chunks, overhead):
+    lengths = np.array(lengths)
+    groups = length_chunks(lengths, max_chunks, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths))) and 1 <= len(groups) <= max_chunks
+    cost = sum(len(g) * lengths[g].max() + overhead for g in groups)
+    assert cost <= len(lengths) * lengths.max() + overhead
+    spans = [(lengths[g].min(), lengths[g].max()) for g in groups]
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # groups of similar length, in order
+
+
+def test_a_batch_in_chunks_counts_the_tokens_its_passes_process():
+    items = [
+        {"chosen": np.arange(1, 101), "rejected": np.array([5, 6]), "margin": 0.0, "index": 0},
+        {"chosen": np.arange(1, 99), "rejected": np.array([7, 8, 9]), "margin": 0.0, "index": 1},
+    ]
+    one = PairCollator(0, "right", None, 1, 0)(items)
+    split = PairCollator(0, "right", None, 4, 10)(items)
+    assert one["padded_tokens"] == 4 * 100 and "chunks" not in one
+    assert [sorted(c.tolist()) for c in split["chunks"]] == [[2, 3], [0, 1]] and split["chunk_widths"] == [3, 100]
+    assert split["padded_tokens"] == 2 * 3 + 2 * 100
