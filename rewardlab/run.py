@@ -20,12 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from rewardlab import PACKAGE
 from rewardlab.checkpoints import MODEL_GROUPS, checked_config, read_checkpoint, stored_config
 from rewardlab.checks import ConfigError, check_max_length, check_ranges, check_types
 from rewardlab.data.formatting import ensure_pad_token
 from rewardlab.data.module import PreferenceDataModule
-from rewardlab.data.rows import DataError
-from rewardlab.freeze import FreezeError
+from rewardlab.errors import UserError
 from rewardlab.model import RewardModel
 from rewardlab.redaction import redact
 from rewardlab.speed import Measurements, choose_speed
@@ -41,7 +41,7 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
     try:
         return hydra_instantiate(node, **kwargs)
     except InstantiationException as e:
-        if isinstance(e.__cause__, (ConfigError, DataError, FreezeError)):
+        if isinstance(e.__cause__, UserError):
             raise e.__cause__ from None
         raise
 
@@ -63,6 +63,7 @@ def build_model(cfg: DictConfig, backbone: Any) -> RewardModel:
 def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
     """The data and the model, from `cfg.backbone`, `cfg.data`, `cfg.model` and its groups; every
     setting is checked against what its target accepts before anything is built."""
+    check_own_data(cfg.data)
     precision, attention = cfg.trainer.precision, cfg.backbone.get("attn_implementation")
     for group in BUILT_GROUPS:  # `auto` is decided below, once the backbone exists
         check_types(cfg.get(group), group, allow_auto=("trainer.precision",))
@@ -75,7 +76,7 @@ def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
             "gpu" if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
         )
         precision, attention, why = choose_speed(
-            backbone.model, accelerator, precision, attention, Measurements(cfg.paths.cache_dir)
+            backbone.model, accelerator, precision, attention, Measurements(cfg.paths.speed_file)
         )
         cfg.trainer.precision = precision
         if "attn_implementation" in cfg.backbone:
@@ -88,6 +89,23 @@ def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
         cfg.model.gradient_checkpointing,
     )
     return instantiate(cfg.data, tokenizer=backbone.tokenizer), build_model(cfg, backbone.model)
+
+
+def check_own_data(data: DictConfig) -> None:
+    """Your own training file with the embedded quiz still as validation or test data would report the
+    quiz's accuracy as yours: refused, naming the keys to set."""
+    quiz = PACKAGE / "assets" / "quiz"
+    if data.train_file and not Path(data.train_file).resolve().is_relative_to(quiz):
+        left = [
+            f"data.{s}_file"
+            for s in ("val", "test")
+            if data.get(f"{s}_file") and Path(data[f"{s}_file"]).resolve().is_relative_to(quiz)
+        ]
+        if left:
+            raise ConfigError(
+                f"data.train_file is yours ({data.train_file}) but {' and '.join(left)} still point at the embedded "
+                f"quiz; set {' and '.join(k + '=FILE' for k in left)} (or =null)"
+            )
 
 
 def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
@@ -132,8 +150,11 @@ def split_datamodule(
 ) -> PreferenceDataModule:
     """The datamodule for one split of `data` (the others unset), prepared and set up; its cache and
     report go to this command's folders, and it reads in this process (no loader workers)."""
-    if split not in ("val", "test") or not data.get(f"{split}_file"):
-        raise ValueError(f"split={split!r}: expected val or test, with data.{split}_file set")
+    if split not in ("val", "test"):
+        raise ConfigError(f"split={split!r}: expected val or test")
+    if not data.get(f"{split}_file"):
+        other = "val" if split == "test" else "test"
+        raise ConfigError(f"this run has no {split} file: pass split={other}, or data.{split}_file=FILE")
     only = {f"{s}_file": None for s in ("train", "val", "test") if s != split}
     datamodule = instantiate(
         OmegaConf.merge(data, only, {"cache_dir": cache_dir, "report_dir": report_dir, "num_workers": 0}),

@@ -9,6 +9,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["XDG_CACHE_HOME"] = __import__("tempfile").mkdtemp(prefix="rewardlab-tests-")  # speed.json of CLI runs
 
 from pathlib import Path  # noqa: E402
 
@@ -48,6 +49,7 @@ def compose_config(name: str, overrides: list[str], output_dir: Path, cache_dir:
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.cache_dir = str(cache_dir)
+        cfg.paths.speed_file = str(cache_dir / "speed.json")
     return cfg
 
 

@@ -104,3 +104,13 @@ def test_the_command_line_says_which_key_is_wrong_in_one_line(tmp_path):
 def test_a_value_that_cannot_work_is_refused_naming_the_key(override, message, make_cfg):
     with pytest.raises(ConfigError, match="^" + message):
         build(make_cfg(override))
+
+
+def test_your_training_file_with_the_quizs_held_out_files_is_refused(make_cfg, tmp_path):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(ConfigError, match="data.val_file and data.test_file still point at the embedded quiz"):
+        build(make_cfg(f"data.train_file={mine}"))
+    with pytest.raises(ConfigError, match="data.test_file still point"):
+        build(make_cfg(f"data.train_file={mine}", f"data.val_file={mine}"))
+    build(make_cfg(f"data.train_file={mine}", f"data.val_file={mine}", "data.test_file=null"))

@@ -13,52 +13,49 @@ from rewardlab.speed import ActivationEstimate, Measurements, choose_speed
 from rewardlab.train import train
 
 
-def test_the_fastest_measured_combination_is_chosen_and_remembered(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flags, precision", [("avx2 avx512_bf16", "bf16-mixed"), ("avx2 amx_bf16", "bf16-mixed"),
+                                               ("avx2 avx512f", "32-true")])  # fmt: skip
+def test_precision_follows_the_cpus_bf16_instructions(flags, precision, tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor : 0\nflags : fpu {flags}\n")
+    monkeypatch.setattr(speed, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else Path(p))
+    model = tiny("llama", 32, 1, 2, 64, 128, 0.0).model
+    chosen, _, why = choose_speed(model, "cpu", "auto", "eager", Measurements(tmp_path / "s.json"))
+    assert chosen == precision and ("has avx512_bf16" in why or "amx" in why or "no bf16 instructions" in why)
+
+
+@pytest.mark.parametrize("eager, sdpa, chosen", [(1.0, 1.2, "eager"), (1.0, 1.05, "sdpa"), (1.3, 1.0, "sdpa")])
+def test_eager_only_where_it_measured_clearly_faster_and_remembered(eager, sdpa, chosen, tmp_path, monkeypatch):
     calls = []
-    timing = {
-        ("32-true", "eager"): 3.0,
-        ("32-true", "sdpa"): 2.0,
-        ("bf16-mixed", "eager"): 1.0,
-        ("bf16-mixed", "sdpa"): 4.0,
-    }
 
     def fake(model, device, precision):
-        calls.append((precision, model.config._attn_implementation))
-        return timing[calls[-1]]
+        calls.append(model.config._attn_implementation)
+        return eager if calls[-1] == "eager" else sdpa
 
     monkeypatch.setattr(speed, "_train_step_seconds", fake)
+    cache = Measurements(tmp_path / "speed.json")
     model = tiny("llama", 32, 1, 2, 64, 128, 0.0).model
-    cache = Measurements(tmp_path)
-    precision, attention, why = choose_speed(model, "cpu", "auto", "auto", cache)
-    assert (precision, attention) == ("bf16-mixed", "eager") and model.config._attn_implementation == "eager"
-    assert "measured now" in why and "32-true sdpa 2.00x" in why and len(calls) == 4
-    again = choose_speed(tiny("llama", 32, 1, 2, 64, 128, 0.0).model, "cpu", "auto", "auto", cache)
-    assert again[:2] == ("bf16-mixed", "eager") and "measured before" in again[2] and len(calls) == 4
-    fixed = choose_speed(tiny("llama", 32, 1, 2, 64, 128, 0.0).model, "cpu", "32-true", "auto", cache)
-    assert fixed[:2] == ("32-true", "sdpa") and len(calls) == 6  # only what is left auto is measured
-    assert len(json.loads((tmp_path / "speed.json").read_text())) == 2
+    precision, attention, why = choose_speed(model, "cpu", "32-true", "auto", cache)
+    assert (precision, attention) == ("32-true", chosen) and model.config._attn_implementation == chosen
+    assert calls == ["eager", "sdpa"] * 3 and "measured now" in why
+    again = choose_speed(tiny("llama", 32, 1, 2, 64, 128, 0.0).model, "cpu", "32-true", "auto", cache)
+    assert again[1] == chosen and "measured before" in again[2] and len(calls) == 6
+    assert len(json.loads((tmp_path / "speed.json").read_text())) == 1
 
 
-def test_on_a_gpu_with_bf16_only_attention_is_measured(tmp_path, monkeypatch):
-    from contextlib import nullcontext
-
+def test_on_a_gpu_bf16_follows_its_support(monkeypatch):
     monkeypatch.setattr(speed.torch.cuda, "is_bf16_supported", lambda: True)
-    monkeypatch.setattr(speed.torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(speed.torch.random, "fork_rng", lambda devices: nullcontext())
     monkeypatch.setattr(speed, "device_name", lambda accelerator: "H100")
-    monkeypatch.setattr(speed, "_train_step_seconds", lambda model, device, precision: 1.0)
-    precision, _, _ = choose_speed(
-        tiny("llama", 32, 1, 2, 64, 128, 0.0).model, "gpu", "auto", "auto", Measurements(tmp_path)
-    )
-    assert precision == "bf16-mixed"
+    assert speed.bf16_capable("gpu") == (True, "H100 supports bf16")
 
 
 def test_a_seeded_run_is_the_same_whether_the_speed_probe_runs_or_was_cached(make_cfg, cache_dir):
     """The probe runs training steps: it must not move the random state the head is initialised from."""
     overrides = ("backbone.num_layers=1", "backbone.hidden_size=48")
-    assert "h48 l1" not in (cache_dir / "speed.json").read_text() if (cache_dir / "speed.json").exists() else True
+    speed_file = cache_dir / "speed.json"
+    assert "h48 l1" not in (speed_file.read_text() if speed_file.exists() else "")
     first = train(make_cfg(*overrides, folder="a"))  # measures now: a model shape no test used before
-    assert "h48 l1" in (cache_dir / "speed.json").read_text()
+    assert "h48 l1" in speed_file.read_text()
     second = train(make_cfg(*overrides, folder="b"))  # reads the measurement
     assert first["val/loss"] == second["val/loss"] and first["train/loss"] == second["train/loss"]
 

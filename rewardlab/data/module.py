@@ -267,7 +267,8 @@ class PreferenceDataModule(L.LightningDataModule):
         """Pairs read, used, truncated, dropped and skipped per split, for the run's results."""
         out: dict[str, int] = {}
         for split, dataset in self.datasets.items():
-            out |= {f"data/{split}/{kind}": 0 for kind in ("read", "used", "truncated", "dropped", "skipped")}
+            kinds = ("read", "used", "truncated", "dropped", "skipped", "blank_lines")
+            out |= {f"data/{split}/{kind}": 0 for kind in kinds}
             if dataset.meta["split"] != split:  # val held out of train: counted under train
                 continue
             for key, n in dataset.meta["counts"].items():
