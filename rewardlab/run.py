@@ -63,7 +63,7 @@ def build_model(cfg: DictConfig, backbone: Any) -> RewardModel:
 def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
     """The data and the model, from `cfg.backbone`, `cfg.data`, `cfg.model` and its groups; every
     setting is checked against what its target accepts before anything is built."""
-    check_own_data(cfg.data)
+    check_own_data(cfg.data, tested=cfg.get("test", True))
     precision, attention = cfg.trainer.precision, cfg.backbone.get("attn_implementation")
     for group in BUILT_GROUPS:  # `auto` is decided below, once the backbone exists
         check_types(cfg.get(group), group, allow_auto=("trainer.precision",))
@@ -91,15 +91,17 @@ def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
     return instantiate(cfg.data, tokenizer=backbone.tokenizer), build_model(cfg, backbone.model)
 
 
-def check_own_data(data: DictConfig) -> None:
+def check_own_data(data: DictConfig, tested: bool = True) -> None:
     """Your own training file with the embedded quiz still as validation or test data would report the
-    quiz's accuracy as yours: refused, naming the keys to set."""
+    quiz's accuracy as yours: refused, naming the keys to set (the test file only when it is tested)."""
     quiz = PACKAGE / "assets" / "quiz"
     if data.train_file and not Path(data.train_file).resolve().is_relative_to(quiz):
         left = [
             f"data.{s}_file"
             for s in ("val", "test")
-            if data.get(f"{s}_file") and Path(data[f"{s}_file"]).resolve().is_relative_to(quiz)
+            if (s == "val" or tested)
+            and data.get(f"{s}_file")
+            and Path(data[f"{s}_file"]).resolve().is_relative_to(quiz)
         ]
         if left:
             raise ConfigError(

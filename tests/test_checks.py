@@ -114,3 +114,4 @@ def test_your_training_file_with_the_quizs_held_out_files_is_refused(make_cfg, t
     with pytest.raises(ConfigError, match="data.test_file still point"):
         build(make_cfg(f"data.train_file={mine}", f"data.val_file={mine}"))
     build(make_cfg(f"data.train_file={mine}", f"data.val_file={mine}", "data.test_file=null"))
+    build(make_cfg(f"data.train_file={mine}", f"data.val_file={mine}", "test=false"))  # the test file is unused

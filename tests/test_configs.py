@@ -133,7 +133,7 @@ def test_wandb_runs_offline_without_an_account_and_finishes(make_cfg):
 def test_wandb_run_of_a_failed_job_is_finished_with_exit_code_1(make_cfg, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "x"}\n')
-    cfg = make_cfg("logger=wandb", f"data.train_file={bad}")
+    cfg = make_cfg("logger=wandb", f"data.train_file={bad}", "data.val_file=null", "data.test_file=null")
     with pytest.raises(DataError, match="field 'rejected': missing"):
         train(cfg)
     assert wandb_exit_code(Path(cfg.paths.output_dir)) == 1
