@@ -37,16 +37,14 @@ test: $(STAMP) $(MODELS)  ## run the whole test suite, slow tests included
 test-fast: $(STAMP) $(MODELS)  ## run the test suite without the slow tests
 	$(PY) -m pytest -m "not slow"
 
-DEVICE ?= cpu
-bench: $(STAMP) $(MODELS)  ## rewardlab vs TRL's RewardTrainer, side by side (DEVICE=cuda on a GPU); appends to docs/BENCHMARKS.md
-	$(PY) bench/run.py compare --device $(DEVICE)
+bench: $(STAMP) $(MODELS)  ## rewardlab (defaults) vs TRL's RewardTrainer (fastest of fp32/bf16), side by side on real text; appends to docs/BENCHMARKS.md
+	$(PY) bench/run.py compare
 
-bench-all: bench  ## also each speed lever, the frozen-trunk cache, memory against data size, accuracy over seeds
-	$(PY) bench/run.py levers --steps 60 --device $(DEVICE)
-	$(PY) bench/run.py leave-one-out --device $(DEVICE)
-	$(PY) bench/run.py cache --device $(DEVICE)
-	$(PY) bench/run.py memory --device $(DEVICE)
-	$(PY) bench/run.py accuracy --device $(DEVICE)
+bench-all: bench  ## also each speed lever taken out, the frozen-trunk cache, memory against data size, accuracy over seeds
+	$(PY) bench/run.py levers
+	$(PY) bench/run.py cache
+	$(PY) bench/run.py memory
+	$(PY) bench/run.py accuracy
 
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check rewardlab tests bench

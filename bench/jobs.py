@@ -63,8 +63,9 @@ def rewardlab_job(a: dict[str, Any]) -> dict[str, Any]:
     from rewardlab.train import train
 
     data = Path(a["data"])
+    backbone = a.get("backbone", "minilm")
     overrides = [
-        "backbone=minilm",
+        f"backbone={backbone}",
         f"data.train_file={data}/train.jsonl",
         f"data.val_file={data}/val.jsonl",
         f"data.test_file={data}/test.jsonl",
@@ -93,7 +94,10 @@ def rewardlab_job(a: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": results["train/tokens_per_s"],
         "padding_efficiency": results["train/padding_efficiency"],
         "flops_per_s": model_flops(minilm_path(), results["train/tokens"], results["train/token_pairs_attended"])
-        / seconds,
+        / seconds
+        if backbone == "minilm"
+        else None,
+        "padded_tokens": results["train/tokens"] / results["train/padding_efficiency"],
         "test_acc": results["test/acc"],
         "val_acc": results["val/acc"],
         "eval_pairs_per_s": results["test/pairs_per_s"],

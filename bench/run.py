@@ -3,6 +3,7 @@ with the command that produced it, to docs/BENCHMARKS.md.
 
     python bench/run.py compare [--steps 64]    rewardlab (defaults) vs TRL's RewardTrainer (make bench)
     python bench/run.py levers                  each speed lever taken out of the defaults
+    python bench/run.py shared                  SmolLM2 on long prompts: the shared-prompt pass vs two passes
     python bench/run.py cache                   frozen-trunk feature cache: epoch 1 vs later epochs
     python bench/run.py memory                  peak RSS at 1x and 10x the data
     python bench/run.py accuracy [--seeds 5]    held-out accuracy over seeds on the development pairs
@@ -149,6 +150,27 @@ def levers(args: argparse.Namespace) -> None:
     )
 
 
+def shared(args: argparse.Namespace) -> None:
+    """A decoder (SmolLM2-135M) on long multi-turn prompts with short responses (`hh`): chosen and
+    rejected sharing one pass over their prompt, against two passes; same pairs, steps and settings."""
+    folder = data(args.workloads.split(",")[0])
+    common = dict(data=str(folder), lr=LR, steps=args.steps, backbone="smollm2_135m")
+    rows = []
+    runs = {"shared prompt (default)": [], "two passes (model.share_prompt=false)": ["model.share_prompt=false"]}
+    results = {name: run_job("rewardlab", overrides=o, label=name, **common) for name, o in runs.items()}
+    base = results["two passes (model.share_prompt=false)"]
+    for name, r in results.items():
+        rows.append([name, r["pairs_per_s"], r["pairs_per_s"] / base["pairs_per_s"], r["padded_tokens"] / r["steps"],
+                     r["peak_rss_mb"], r["test_acc"]])  # fmt: skip
+    body = table(["run", "pairs/s", "speed-up", "tokens processed per step", "peak RSS MB", "test acc"], rows)
+    body += (
+        f"\n\n{folder.name}, SmolLM2-135M-Instruct full fine-tune, {args.steps} steps × {PAIRS_PER_BATCH} pairs, "
+        f"max_length {MAX_LENGTH}, lr {LR}, chat template; every other setting the default."
+    )
+    append("Shared prompt on a decoder", f"python bench/run.py shared --workloads {folder.name} --steps {args.steps}",
+           body)  # fmt: skip
+
+
 def cache(args: argparse.Namespace) -> None:
     """head_only and last_n on MiniLM, three epochs: the first computes the frozen trunk, the others reuse it."""
     folder = data(args.workloads.split(",")[0])
@@ -214,13 +236,17 @@ def accuracy(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["compare", "levers", "cache", "memory", "accuracy"])
+    parser.add_argument("what", choices=["compare", "levers", "shared", "cache", "memory", "accuracy"])
     parser.add_argument("--steps", type=int, default=64, help="training steps per run (accuracy: 0 = one epoch)")
-    parser.add_argument("--workloads", default=",".join(["chitchat-pairs", *BUILDERS.keys() - {"chitchat"}]))
+    parser.add_argument("--workloads", default=None, help="comma-separated (default: each command's own)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--overrides", nargs="*", default=[], help="accuracy: extra rewardlab overrides")
     args = parser.parse_args()
-    {"compare": compare, "levers": levers, "cache": cache, "memory": memory, "accuracy": accuracy}[args.what](args)
+    if args.workloads is None:
+        args.workloads = {"compare": ",".join(["chitchat-pairs", *sorted(BUILDERS.keys() - {"chitchat"}), "quiz"]),
+                          "shared": "hh"}.get(args.what, "chitchat-pairs")  # fmt: skip
+    commands = {"compare": compare, "levers": levers, "shared": shared, "cache": cache, "memory": memory}
+    (commands | {"accuracy": accuracy})[args.what](args)
 
 
 if __name__ == "__main__":

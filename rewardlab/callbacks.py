@@ -59,15 +59,15 @@ class CheckpointOnPreemption(Callback):
 
 
 class Throughput(Callback):
-    """Pairs/s, real (non-pad) tokens/s and padding efficiency of training, across all devices, and
-    pairs/s of testing (scoring without gradients).
+    """Pairs/s, real (non-pad) tokens/s and padding efficiency (real among the tokens the passes
+    processed) of training, across all devices, and pairs/s of testing (scoring without gradients).
 
     The clock runs from the start of each training epoch to its end and is paused while
     validation runs, so data loading counts and evaluation does not.
     """
 
     def __init__(self) -> None:
-        self.pairs = self.real_tokens = self.padded_tokens = self.attended = 0
+        self.pairs = self.real_tokens = self.processed_real = self.padded_tokens = self.attended = 0
         self.seconds = 0.0
         self.epoch_seconds: list[float] = []  # training time of each epoch
         self.test_pairs, self.test_seconds = 0, 0.0
@@ -129,6 +129,7 @@ class Throughput(Callback):
         self.pairs += mask.shape[0] // 2 * world
         self.real_tokens += int(mask.sum()) * world
         self.padded_tokens += int(batch["padded_tokens"]) * world  # what the passes processed
+        self.processed_real += int(batch.get("processed_real_tokens", mask.sum())) * world  # a shared prompt once
         self.attended += int(mask.sum(1).square().sum()) * world  # Σ length², for attention FLOPs
 
     def results(self) -> dict[str, float]:
@@ -136,7 +137,7 @@ class Throughput(Callback):
         return {
             "train/pairs_per_s": self.pairs / seconds,
             "train/tokens_per_s": self.real_tokens / seconds,
-            "train/padding_efficiency": self.real_tokens / max(self.padded_tokens, 1),
+            "train/padding_efficiency": self.processed_real / max(self.padded_tokens, 1),
             "train/tokens": self.real_tokens,
             "train/token_pairs_attended": self.attended,
             "train/seconds": self.seconds,

@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MaxMetric, Metric
+from torchmetrics import MaxMetric
 from transformers import PreTrainedModel
 
 from rewardlab.checks import ConfigError
@@ -25,6 +25,8 @@ from rewardlab.data.rows import DataError
 from rewardlab.features import FrozenTrunk, TrunkCache, open_trunk_cache
 from rewardlab.freeze import modules_after_blocks
 from rewardlab.losses import Loss
+from rewardlab.metrics import PairMetrics
+from rewardlab.shared_prompt import SharedBatch, as_kind, decide_sharing, mask_kind, pack
 from rewardlab.speed import ActivationEstimate, free_memory_bytes
 
 log = logging.getLogger(__name__)
@@ -39,40 +41,6 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
 def position_ids(attention_mask: Tensor) -> Tensor:
     """0, 1, 2, ... counted over real tokens only, so left padding does not shift positions."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-class PairMetrics(Metric):
-    """Loss, strict accuracy (a tie is wrong), margin, reward means and spread over an epoch;
-    sums, so they are exact over any batching and reduce across devices."""
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        for name in ("pairs", "loss", "correct", "margin", "chosen", "rejected", "square"):
-            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, chosen: Tensor, rejected: Tensor, loss: Tensor) -> None:
-        chosen, rejected = chosen.double(), rejected.double()
-        self.pairs += chosen.numel()
-        self.loss += loss.double() * chosen.numel()
-        self.correct += (chosen > rejected).sum()
-        self.margin += (chosen - rejected).sum()
-        self.chosen += chosen.sum()
-        self.rejected += rejected.sum()
-        self.square += (chosen.square() + rejected.square()).sum()
-
-    def compute(self) -> dict[str, Tensor]:
-        n = self.pairs.clamp(min=1)
-        mean = (self.chosen + self.rejected) / (2 * n)
-        return {
-            "loss": self.loss / n,
-            "acc": self.correct / n,
-            "margin": self.margin / n,
-            "reward_chosen": self.chosen / n,
-            "reward_rejected": self.rejected / n,
-            "reward_std": (self.square / (2 * n) - mean.square()).clamp(min=0).sqrt(),
-        }
 
 
 def _disable_dropout(module: nn.Module) -> None:
@@ -111,6 +79,7 @@ class RewardModel(L.LightningModule):
         compile: bool,
         feature_cache_dir: str | None,
         skip_nonfinite: bool,
+        share_prompt: bool | str,
     ):
         super().__init__()
         self.backbone = backbone
@@ -143,6 +112,11 @@ class RewardModel(L.LightningModule):
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # in checkpoints: a resumed run remembers the best so far
         self.skip_nonfinite, self.skipped_nonfinite = skip_nonfinite, 0
+        if share_prompt not in (True, False, "auto"):
+            raise ConfigError(f"model.share_prompt: expected true, false or auto, got {share_prompt!r}")
+        self.share_prompt = share_prompt
+        self.sharing: bool | None = None if share_prompt else False  # decided in `setup`
+        self.eager_up_to: int | None = None  # set by `rewardlab.run.build` where attention is measured by width
         self.run_config: dict[str, Any] | None = None
         self.apply_settings_on_resume = False  # set when a run resumes with resume.allow_changes
         self.train()  # from_pretrained returns eval mode; Lightning keeps the mode it finds
@@ -155,8 +129,17 @@ class RewardModel(L.LightningModule):
             _eval_frozen(self)
         return self
 
+    def attention_for(self, width: int) -> None:
+        """With a measured switch (`eager_up_to`, from `backbone.attn_implementation=auto`): eager
+        attention for passes up to that many tokens wide, sdpa for wider ones."""
+        if self.eager_up_to is not None:
+            wanted = "eager" if width <= self.eager_up_to else "sdpa"
+            if self.backbone.config._attn_implementation != wanted:
+                self.backbone.set_attn_implementation(wanted)
+
     def last_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The backbone's final hidden state at each sequence's last real token, `(N, hidden)`."""
+        self.attention_for(input_ids.shape[1])
         extra = {"position_ids": position_ids(attention_mask)} if self.pass_positions else {}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
@@ -177,10 +160,27 @@ class RewardModel(L.LightningModule):
             return self.trunk_cache.rewards(self, batch, split).chunk(2)
         return self.batch_rewards(batch).chunk(2)
 
+    def shared_hidden(self, packed: SharedBatch) -> Tensor:
+        """Final hidden states where `packed` reads its rewards: chosen ones, then rejected ones."""
+        self.attention_for(packed.input_ids.shape[1])
+        hidden = self.backbone(
+            input_ids=packed.input_ids.to(self.device),
+            attention_mask=as_kind(packed.attention_mask.to(self.device), mask_kind(self.backbone)),
+            position_ids=packed.position_ids.to(self.device),
+        ).last_hidden_state
+        return hidden.flatten(0, 1)[packed.read.to(self.device)]
+
     def batch_rewards(self, batch: dict[str, Any]) -> Tensor:
-        """Rewards of a batch's `(2B, L)` sequences; where the collator grouped them by length
-        (`chunks`), one pass per group, each only as wide as its own longest sequence."""
+        """Rewards of a batch's `(2B, L)` sequences: with a shared prompt, one row per pair where that
+        processes fewer tokens; else where the collator grouped them by length (`chunks`), one pass per
+        group, each only as wide as its own longest sequence."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.sharing:
+            packed = pack(ids, mask)
+            if packed.tokens < batch.get("padded_tokens", ids.numel()):
+                batch["padded_tokens"] = packed.tokens  # what this pass processes, for the throughput
+                batch["processed_real_tokens"] = packed.real_tokens
+                return self.score(self.shared_hidden(packed))
         if "chunks" not in batch:
             return self(ids, mask)
         right = bool(mask[:, 0].all())  # right padding: every row starts with a real token
@@ -191,7 +191,10 @@ class RewardModel(L.LightningModule):
         return torch.cat(parts)[torch.argsort(torch.cat(batch["chunks"]))]
 
     def setup(self, stage: str) -> None:
-        """Before fitting: check margins where the loss needs them; open the frozen-trunk caches."""
+        """Before fitting: whether pairs share their prompt's pass; check margins where the loss needs
+        them; open the frozen-trunk caches."""
+        if self.sharing is None:
+            self.sharing = decide_sharing(self, self.share_prompt)
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None:
             return

@@ -28,7 +28,7 @@ from rewardlab.data.module import PreferenceDataModule
 from rewardlab.errors import UserError
 from rewardlab.model import RewardModel
 from rewardlab.redaction import redact
-from rewardlab.speed import Measurements, choose_speed
+from rewardlab.speed import Measurements, choose_speed, limit_kernel_cache
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +68,31 @@ def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
     for group in BUILT_GROUPS:  # `auto` is decided below, once the backbone exists
         check_types(cfg.get(group), group, allow_auto=("trainer.precision",))
     check_ranges(cfg)
+    kernels = limit_kernel_cache(cfg.cpu_kernel_cache)  # before the first bf16 kernel is built
     backbone = instantiate(cfg.backbone)
     check_max_length(cfg.data.max_length, backbone.model.config)
-    why = "as configured"
+    why, eager_up_to = "as configured", None
     if "auto" in (precision, attention):
         accelerator = (
             "gpu" if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
         )
-        precision, attention, why = choose_speed(
+        precision, attention, eager_up_to, why = choose_speed(
             backbone.model, accelerator, precision, attention, Measurements(cfg.paths.speed_file)
         )
         cfg.trainer.precision = precision
         if "attn_implementation" in cfg.backbone:
             cfg.backbone.attn_implementation = attention
     log.info(
-        "speed settings: precision %s, attention %s (%s); gradient checkpointing %s",
+        "speed settings: precision %s, attention %s (%s); gradient checkpointing %s; %s",
         precision,
-        backbone.model.config._attn_implementation,
+        f"eager up to {eager_up_to} tokens, then sdpa" if eager_up_to else backbone.model.config._attn_implementation,
         why,
         cfg.model.gradient_checkpointing,
+        kernels,
     )
-    return instantiate(cfg.data, tokenizer=backbone.tokenizer), build_model(cfg, backbone.model)
+    model = build_model(cfg, backbone.model)
+    model.eager_up_to = eager_up_to
+    return instantiate(cfg.data, tokenizer=backbone.tokenizer), model
 
 
 def check_own_data(data: DictConfig, tested: bool = True) -> None:

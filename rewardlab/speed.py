@@ -3,8 +3,12 @@
 - `trainer.precision=auto`: bf16 autocast (the head and the loss stay fp32) where the device has bf16
   instructions (a GPU that supports it; a CPU with AVX512-BF16 or AMX-BF16), fp32 otherwise: read from
   the hardware, so every run on a machine decides alike.
-- `backbone.attn_implementation=auto`: sdpa (transformers' default), or eager where a training step
-  of this backbone measured at least 5% faster with it on this device.
+- `backbone.attn_implementation=auto`: of eager and sdpa (transformers' default), the one a training
+  step of this backbone measured faster on this device, by pass width: eager only where it is at least
+  5% faster (on CPUs, short passes), sdpa from the width where it stops being so (long passes; it also
+  keeps no attention matrix, so less memory).
+- `cpu_kernel_cache`: how many bf16 kernels oneDNN keeps compiled (one per tensor shape); its default
+  of 1024 holds about 500 MB more than 32 does on batches of varied lengths, for no speed.
 - `model.gradient_checkpointing=auto`: recompute activations only for a batch whose estimated
   activation memory would not fit in the memory free when training starts.
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 
 ATTENTIONS = ("eager", "sdpa")
 EAGER_GAIN = 1.05  # eager replaces sdpa (transformers' default) only when a training step runs this much faster
+PROBE_WIDTHS = (64, 128, 256)  # pass widths the attention probe measures
 
 
 def device_name(accelerator: str) -> str:
@@ -78,13 +84,13 @@ def _seconds(step: Callable[[], Any], repeats: int = 3) -> float:
     return best
 
 
-def _train_step_seconds(model: PreTrainedModel, device: str, precision: str) -> float:
-    """Seconds for a forward and backward pass of a typical batch (16 sequences of 20 to 128 tokens,
-    padded to the longest), the best of two after a warm-up."""
+def _train_step_seconds(model: PreTrainedModel, device: str, precision: str, width: int) -> float:
+    """Seconds for a forward and backward pass of 16 sequences of 3/4 to all of `width` tokens (a pass of
+    8 pairs, as length grouping and chunks make them), padded to `width`, timed once after a warm-up."""
     vocab = model.config.get_text_config().vocab_size
-    lengths = torch.linspace(20, 128, 16).long()
-    ids = torch.randint(3, min(vocab, 1000), (16, 128), device=device)
-    mask = (torch.arange(128) < lengths[:, None]).long().to(device)
+    lengths = torch.linspace(width * 3 // 4, width, 16).long()
+    ids = torch.randint(3, min(vocab, 1000), (16, width), device=device)
+    mask = (torch.arange(width) < lengths[:, None]).long().to(device)
     bf16 = precision.startswith("bf16")
 
     def step() -> None:
@@ -93,7 +99,33 @@ def _train_step_seconds(model: PreTrainedModel, device: str, precision: str) -> 
         out.float().mean().backward()
         model.zero_grad(set_to_none=True)
 
-    return _seconds(step, repeats=2)
+    return _seconds(step, repeats=1)
+
+
+def attention_plan(times: dict[str, dict[str, float]]) -> tuple[str, int | None]:
+    """(attention for short passes, the widest pass that uses it where longer ones use sdpa, else None):
+    eager up to the widest measured width where it and every narrower one were at least `EAGER_GAIN`
+    faster, and on to halfway to the next measured width."""
+    widths = sorted(int(w) for w in times["eager"])
+    wins = 0
+    while wins < len(widths) and times["eager"][str(widths[wins])] * EAGER_GAIN <= times["sdpa"][str(widths[wins])]:
+        wins += 1
+    if wins == 0:
+        return "sdpa", None
+    if wins == len(widths):
+        return "eager", None
+    return "eager", (widths[wins - 1] + widths[wins]) // 2
+
+
+def limit_kernel_cache(capacity: int | None) -> str:
+    """Keep at most `capacity` compiled oneDNN kernels (CPU bf16): its environment variable, read when
+    the first kernel is built; a value already in the environment is yours and stays."""
+    if capacity is None:
+        return "oneDNN kernel cache as oneDNN decides"
+    if "ONEDNN_PRIMITIVE_CACHE_CAPACITY" in os.environ:
+        return f"oneDNN kernel cache {os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY']} (from the environment)"
+    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)
+    return f"oneDNN kernel cache {capacity}"
 
 
 def bf16_capable(accelerator: str) -> tuple[bool, str]:
@@ -112,47 +144,49 @@ def bf16_capable(accelerator: str) -> tuple[bool, str]:
 
 def choose_speed(
     model: PreTrainedModel, accelerator: str, precision: str, attention: str | None, cache: Measurements
-) -> tuple[str, str, str]:
-    """(precision, attention implementation, why) for the settings left `auto`: bf16 autocast where the
-    device has bf16 instructions; of eager and sdpa, eager only where a training step of this backbone
-    measured at least 5% faster with it (sdpa, transformers' default, otherwise). The model is
-    switched to the chosen attention."""
+) -> tuple[str, str, int | None, str]:
+    """(precision, attention implementation, eager_up_to, why) for the settings left `auto`: bf16 autocast
+    where the device has bf16 instructions; eager attention for passes up to `eager_up_to` tokens wide
+    and sdpa beyond (None: the one implementation for all widths), from `attention_plan` of a measured
+    training step at each of `PROBE_WIDTHS`. The model is switched to the chosen attention."""
     reasons = []
     if precision == "auto":
         bf16, why = bf16_capable(accelerator)
         precision = "bf16-mixed" if bf16 else "32-true"
         reasons.append(f"{precision}: {why}")
     if attention != "auto":
-        return precision, model.config._attn_implementation, "; ".join(reasons) or "as configured"
+        return precision, model.config._attn_implementation, None, "; ".join(reasons) or "as configured"
     config = model.config.get_text_config()
     shape = f"{type(model).__name__} h{config.hidden_size} l{config.num_hidden_layers} a{config.num_attention_heads}"
-    key = f"attention | {device_name(accelerator)} | {shape} | {precision}"
+    key = f"attention by width | {device_name(accelerator)} | {shape} | {precision}"
     device = "cuda" if accelerator == "gpu" else "cpu"
 
-    def measure() -> dict[str, float]:
+    def measure() -> dict[str, dict[str, float]]:
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
             return _measure()  # the global random state stays as it was: a seeded run is the same with or without
 
-    def _measure() -> dict[str, list[float]]:
-        times: dict[str, list[float]] = {name: [] for name in ATTENTIONS}
+    def _measure() -> dict[str, dict[str, float]]:
+        times: dict[str, dict[str, list[float]]] = {name: {str(w): [] for w in PROBE_WIDTHS} for name in ATTENTIONS}
         was_training = model.training
-        model.train()
+        model.eval()  # dropout off, as reward models train (model.disable_dropout); gradients still flow
         for _ in range(3):  # interleaved, so a busy moment of the machine weighs on both alike
-            for name in ATTENTIONS:
-                model.set_attn_implementation(name)
-                times[name].append(_train_step_seconds(model, device, precision))
+            for width in PROBE_WIDTHS:
+                for name in ATTENTIONS:
+                    model.set_attn_implementation(name)
+                    times[name][str(width)].append(_train_step_seconds(model, device, precision, width))
         model.train(was_training)
-        return {name: round(sorted(t)[1], 4) for name, t in times.items()}  # the median of three
+        return {name: {w: round(sorted(t)[1], 4) for w, t in by.items()} for name, by in times.items()}  # medians
 
     times, fresh = cache.get(key, measure)
-    chosen = "eager" if times["eager"] * EAGER_GAIN <= times["sdpa"] else "sdpa"
+    chosen, eager_up_to = attention_plan(times)
     model.set_attn_implementation(chosen)
-    ratio = times["sdpa"] / times["eager"]
+    ratios = ", ".join(f"{w}: {times['sdpa'][w] / times['eager'][w]:.2f}x" for w in sorted(times["eager"], key=int))
+    plan = f"eager up to {eager_up_to} tokens, then sdpa" if eager_up_to else f"{chosen} attention"
     reasons.append(
-        f"{chosen} attention: eager {ratio:.2f}x the speed of sdpa for {type(model).__name__} here "
-        f"(measured {'now' if fresh else 'before'}; eager only when at least {EAGER_GAIN:.2f}x)"
+        f"{plan}: eager's speed over sdpa's by pass width {ratios} for {type(model).__name__} here "
+        f"(measured {'now' if fresh else 'before'}; eager only where at least {EAGER_GAIN:.2f}x)"
     )
-    return precision, chosen, "; ".join(reasons)
+    return precision, chosen, eager_up_to, "; ".join(reasons)
 
 
 def free_memory_bytes(accelerator: str) -> int:

@@ -79,7 +79,8 @@ FREE_ON_RESUME = {
     "model.feature_cache_dir",
     "model.compile",
     "model.gradient_checkpointing",
-    "model.checkpoint_above_tokens",
+    "model.checkpoint_above_tokens",  # in checkpoints from before it was removed
+    "model.share_prompt",
 }
 COMPARED_ON_RESUME = ("seed", "data", "backbone", "loss", "freeze", "optimizer", "scheduler", "model")
 TRAINER_ON_RESUME = ("precision", "gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")

@@ -66,7 +66,9 @@ def make_cfg(tmp_path: Path, cache_dir: Path):
     return _make
 
 
-def reward_model(backbone, freeze=None, head_lr_mult: float = 1.0, disable_dropout: bool = False):
+def reward_model(
+    backbone, freeze=None, head_lr_mult: float = 1.0, disable_dropout: bool = False, share_prompt: bool | str = False
+):
     """A RewardModel with test defaults: Bradley–Terry, AdamW, no schedule, no feature cache."""
     from functools import partial
 
@@ -89,6 +91,7 @@ def reward_model(backbone, freeze=None, head_lr_mult: float = 1.0, disable_dropo
         compile=False,
         feature_cache_dir=None,
         skip_nonfinite=False,
+        share_prompt=share_prompt,
     )
 
 

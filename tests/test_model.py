@@ -5,7 +5,8 @@ import torch
 
 from rewardlab.backbones import tiny
 from rewardlab.data.batching import PairCollator
-from rewardlab.model import PairMetrics, RewardModel, last_token_index, position_ids
+from rewardlab.metrics import PairMetrics
+from rewardlab.model import RewardModel, last_token_index, position_ids
 
 from .conftest import reward_model
 

@@ -20,27 +20,69 @@ def test_precision_follows_the_cpus_bf16_instructions(flags, precision, tmp_path
     cpuinfo.write_text(f"processor : 0\nflags : fpu {flags}\n")
     monkeypatch.setattr(speed, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else Path(p))
     model = tiny("llama", 32, 1, 2, 64, 128, 0.0).model
-    chosen, _, why = choose_speed(model, "cpu", "auto", "eager", Measurements(tmp_path / "s.json"))
+    chosen, _, _, why = choose_speed(model, "cpu", "auto", "eager", Measurements(tmp_path / "s.json"))
     assert chosen == precision and ("has avx512_bf16" in why or "amx" in why or "no bf16 instructions" in why)
 
 
-@pytest.mark.parametrize("eager, sdpa, chosen", [(1.0, 1.2, "eager"), (1.0, 1.03, "sdpa"), (1.3, 1.0, "sdpa")])
-def test_eager_only_where_it_measured_clearly_faster_and_remembered(eager, sdpa, chosen, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "eager, sdpa, chosen, up_to",
+    [
+        ({64: 1.0, 128: 2.0, 256: 4.0}, {64: 1.2, 128: 2.4, 256: 4.8}, "eager", None),  # eager faster at every width
+        ({64: 1.0, 128: 2.0, 256: 4.0}, {64: 1.03, 128: 2.06, 256: 4.1}, "sdpa", None),  # not 5% faster anywhere
+        ({64: 1.3, 128: 2.0, 256: 4.0}, {64: 1.0, 128: 3.0, 256: 5.0}, "sdpa", None),  # short passes decide first
+        ({64: 1.0, 128: 2.0, 256: 5.0}, {64: 1.2, 128: 2.4, 256: 4.5}, "eager", 192),  # long passes: sdpa
+        ({64: 1.0, 128: 2.0, 256: 5.0}, {64: 1.2, 128: 1.9, 256: 4.5}, "eager", 96),
+    ],
+)
+def test_attention_by_width_where_measured_clearly_faster_and_remembered(
+    eager, sdpa, chosen, up_to, tmp_path, monkeypatch
+):
     calls = []
 
-    def fake(model, device, precision):
-        calls.append(model.config._attn_implementation)
-        return eager if calls[-1] == "eager" else sdpa
+    def fake(model, device, precision, width):
+        calls.append((model.config._attn_implementation, width))
+        return (eager if calls[-1][0] == "eager" else sdpa)[width]
 
     monkeypatch.setattr(speed, "_train_step_seconds", fake)
     cache = Measurements(tmp_path / "speed.json")
     model = tiny("llama", 32, 1, 2, 64, 128, 0.0).model
-    precision, attention, why = choose_speed(model, "cpu", "32-true", "auto", cache)
-    assert (precision, attention) == ("32-true", chosen) and model.config._attn_implementation == chosen
-    assert calls == ["eager", "sdpa"] * 3 and "measured now" in why
+    precision, attention, eager_up_to, why = choose_speed(model, "cpu", "32-true", "auto", cache)
+    assert (precision, attention, eager_up_to) == ("32-true", chosen, up_to)
+    assert model.config._attn_implementation == chosen
+    assert calls == [(a, w) for w in (64, 128, 256) for a in ("eager", "sdpa")] * 3 and "measured now" in why
     again = choose_speed(tiny("llama", 32, 1, 2, 64, 128, 0.0).model, "cpu", "32-true", "auto", cache)
-    assert again[1] == chosen and "measured before" in again[2] and len(calls) == 6
+    assert again[1:3] == (chosen, up_to) and "measured before" in again[3] and len(calls) == 18
     assert len(json.loads((tmp_path / "speed.json").read_text())) == 1
+
+
+def test_a_measured_switch_runs_short_passes_eager_and_long_ones_sdpa_with_the_same_rewards():
+    import torch
+
+    from .conftest import reward_model
+
+    torch.manual_seed(0)
+    model = reward_model(tiny("llama", 32, 2, 2, 64, 128, 0.0, attn_implementation="eager").model).eval()
+    model.eager_up_to = 8
+    ids = torch.randint(3, 200, (2, 12))
+    long_mask, short_mask = torch.ones(2, 12, dtype=torch.long), torch.ones(2, 6, dtype=torch.long)
+    with torch.no_grad():
+        long = model(ids, long_mask)
+        assert model.backbone.config._attn_implementation == "sdpa"
+        short = model(ids[:, :6], short_mask)
+        assert model.backbone.config._attn_implementation == "eager"
+        model.eager_up_to = None
+        model.backbone.set_attn_implementation("eager")
+        torch.testing.assert_close(model(ids, long_mask), long, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(ids[:, :6], short_mask), short, rtol=1e-5, atol=1e-6)
+
+
+def test_the_cpu_kernel_cache_is_set_unless_the_environment_says(monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert speed.limit_kernel_cache(32) == "oneDNN kernel cache 32"
+    assert speed.os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
+    assert speed.limit_kernel_cache(32) == "oneDNN kernel cache 7 (from the environment)"
+    assert speed.limit_kernel_cache(None) == "oneDNN kernel cache as oneDNN decides"
 
 
 def test_on_a_gpu_bf16_follows_its_support(monkeypatch):

@@ -98,9 +98,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     Training (`shuffle`): shuffle, cut into groups of `group_batches` batches, sort each group by
     length so a batch holds similar lengths (little padding), then shuffle the batch order.
-    Evaluation: sorted by length, longest first, so an out-of-memory shows on the first batch;
-    with `max_tokens`, a batch holds at most that many padded tokens (fewer pairs when they are
-    long), which bounds memory without changing any reward.
+    Evaluation: sorted by length, longest first, so an out-of-memory shows on the first batch.
+    With `max_tokens` (data.max_tokens_per_batch, data.eval_max_tokens), a batch holds at most that
+    many padded tokens: fewer pairs when they are long, which bounds memory.
     """
 
     def __init__(
@@ -130,22 +130,13 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def batches(self) -> list[np.ndarray]:
-        n, b = len(self.lengths), self.batch_size
+        n = len(self.lengths)
         if not self.shuffle:
-            order = np.argsort(-self.lengths, kind="stable")
-            batches, i = [], 0
-            while i < n:
-                take = b
-                if self.max_tokens:  # pairs × 2 sequences × the longest (first) length
-                    fit = self.max_tokens // (2 * max(int(self.lengths[order[i]]), 1))
-                    take = max(self.world_size, min(b, fit // self.world_size * self.world_size))
-                batches.append(order[i : i + take])
-                i += take
-            return batches
+            return self._cut(np.argsort(-self.lengths, kind="stable"))
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(n)
         if self.group_by_length:
-            g = b * self.group_batches
+            g = self.batch_size * self.group_batches
             order = (
                 np.concatenate(
                     [c[np.argsort(-self.lengths[c], kind="stable")] for c in np.split(order, range(g, n, g))]
@@ -153,8 +144,29 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
                 if n
                 else order
             )
-        batches = [order[i : i + b] for i in range(0, n, b)]
+        batches = self._cut(order)
         return [batches[i] for i in rng.permutation(len(batches))]
+
+    def _cut(self, order: np.ndarray) -> list[np.ndarray]:
+        """Consecutive batches of `batch_size` pairs; with `max_tokens`, a batch ends before the pair
+        that would take it over the budget (2 sequences × pairs × its longest), keeping at least one
+        pair per device and a multiple of the world size."""
+        b, n = self.batch_size, len(order)
+        if not self.max_tokens:
+            return [order[i : i + b] for i in range(0, n, b)]
+        batches, i = [], 0
+        while i < n:
+            take, longest = 0, 0
+            while i + take < n and take < b:
+                longer = max(longest, int(self.lengths[order[i + take]]), 1)
+                if take >= self.world_size and 2 * (take + 1) * longer > self.max_tokens:
+                    break
+                take, longest = take + 1, longer
+            if take > self.world_size:
+                take = take // self.world_size * self.world_size
+            batches.append(order[i : i + take])
+            i += take
+        return batches
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.batches()
@@ -168,6 +180,6 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             yield share.tolist()
 
     def __len__(self) -> int:
-        if self.shuffle or not self.max_tokens:
+        if not self.max_tokens:
             return -(-len(self.lengths) // self.batch_size)
-        return len(self.batches())
+        return len(self.batches())  # this epoch's: a token budget cuts each epoch's order its own way

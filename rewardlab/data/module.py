@@ -37,6 +37,7 @@ class PreferenceDataModule(L.LightningDataModule):
         val_file: str | None,
         test_file: str | None,
         batch_size: int,
+        max_tokens_per_batch: int | None,
         eval_batch_size: int,
         eval_max_tokens: int | None,
         max_length: int,
@@ -63,6 +64,7 @@ class PreferenceDataModule(L.LightningDataModule):
         ensure_pad_token(tokenizer)
         for key, value, least in (
             ("batch_size", batch_size, 1),
+            ("max_tokens_per_batch", max_tokens_per_batch, 2),
             ("eval_batch_size", eval_batch_size, 1),
             ("eval_max_tokens", eval_max_tokens, 1),
             ("group_batches", group_batches, 1),
@@ -95,6 +97,8 @@ class PreferenceDataModule(L.LightningDataModule):
             schema, format, chat_template, dict(columns), max_length, truncation, on_bad_row, special_tokens_in_text
         )
         self.batch_size, self.eval_batch_size, self.eval_max_tokens = batch_size, eval_batch_size, eval_max_tokens
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.train_sampler: LengthGroupedBatchSampler | None = None
         self.val_fraction, self.group_by_length, self.group_batches = val_fraction, group_by_length, group_batches
         self.collator = PairCollator(
             tokenizer.pad_token_id, padding_side, pad_to_multiple_of, max_chunks, chunk_overhead_tokens
@@ -214,7 +218,7 @@ class PreferenceDataModule(L.LightningDataModule):
             rank,
             world,
             key,
-            max_tokens=None if shuffle else self.eval_max_tokens,
+            max_tokens=self.max_tokens_per_batch if shuffle else self.eval_max_tokens,
         )
         options = dict(
             batch_sampler=sampler,
@@ -225,6 +229,8 @@ class PreferenceDataModule(L.LightningDataModule):
             # (dropout) and so make a resumed run differ from an uninterrupted one
             generator=torch.Generator().manual_seed(self.seed),
         )
+        if shuffle:
+            self.train_sampler = sampler
         if shuffle and self.resume is not None:
             self._resume(sampler)
         return DataLoader(dataset, **options)
@@ -240,7 +246,9 @@ class PreferenceDataModule(L.LightningDataModule):
         return {
             "epoch": self.trainer.current_epoch,
             "batches_trained": loop.epoch_loop.batch_progress.current.processed if started else 0,
-            "batches_per_epoch": -(-len(self.datasets["train"]) // self.batch_size),
+            "batches_per_epoch": len(self.train_sampler)
+            if self.train_sampler is not None
+            else -(-len(self.datasets["train"]) // self.batch_size),
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -251,6 +259,7 @@ class PreferenceDataModule(L.LightningDataModule):
         """Resuming mid-epoch: that epoch continues with the batches it had not trained yet, in the
         same order, instead of starting over (and training its first batches twice)."""
         state, self.resume = self.resume, None
+        sampler.set_epoch(state["epoch"])  # with a token budget, each epoch has its own batch count
         if state["batches_per_epoch"] != len(sampler):
             log.warning(
                 "resuming: the checkpoint's epoch had %d batches, the data now gives %d; "

@@ -20,6 +20,7 @@ def datamodule(tokenizer, tmp_path: Path, **overrides) -> PreferenceDataModule:
         val_file=str(FIXTURES / "explicit.json"),
         test_file=None,
         batch_size=2,
+        max_tokens_per_batch=None,
         eval_batch_size=2,
         eval_max_tokens=None,
         max_length=64,

@@ -69,6 +69,33 @@ def test_eval_batches_respect_a_token_budget():
     assert len(ranked[0]) == len(ranked[1]) and sorted(i for rk in ranked for b in rk for i in b) == list(range(8))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 300), min_size=1, max_size=120),
+    budget=st.integers(2, 2000),
+    world=st.sampled_from([1, 2]),
+    epoch=st.integers(0, 3),
+)
+def test_training_batches_under_a_token_budget(lengths, budget, world, epoch):
+    """Every pair once per epoch; a batch over the budget only where it holds one pair per device;
+    never more than batch_size pairs; sizes divide by the world; as many batches as the sampler says."""
+    lengths = np.array(lengths)
+    sampler = LengthGroupedBatchSampler(lengths, 8, True, True, 4, seed=epoch, world_size=world, max_tokens=budget)
+    sampler.set_epoch(epoch)
+    batches = sampler.batches()
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths))) and len(sampler) == len(batches)
+    for b in batches:
+        assert len(b) <= 8 and (2 * len(b) * lengths[b].max() <= budget or len(b) <= world)
+    assert sum(len(b) % world != 0 for b in batches) <= 1  # only the order's last batch may not divide
+
+
+def test_a_token_budget_gives_short_pairs_full_batches_and_long_ones_small():
+    lengths = np.array([200] * 8 + [20] * 32)
+    batches = LengthGroupedBatchSampler(lengths, 8, True, True, 50, seed=0, max_tokens=1000).batches()
+    sizes = sorted((len(b), int(lengths[b].max())) for b in batches)
+    assert sizes == [(2, 200)] * 4 + [(8, 20)] * 4  # 2 × 2 × 200 = 800 fit 1000; 3 pairs would be 1200
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     lengths=st.lists(st.integers(1, 300), min_size=1, max_size=40),

@@ -131,3 +131,15 @@ def test_held_out_pairs_that_are_also_training_pairs_are_counted_in_a_warning(tm
     with caplog.at_level("WARNING"):
         ready(datamodule(tiny_tokenizer, tmp_path / "other", train_file=str(train)))
     assert "also in the training data" not in caplog.text
+
+
+def test_training_batches_keep_to_max_tokens_per_batch(tmp_path, tiny_tokenizer):
+    prompts = ["q " * (40 if i % 4 == 0 else 2) for i in range(64)]
+    rows = [{"prompt": p, "chosen": f"yes {i}", "rejected": f"no {i}"} for i, p in enumerate(prompts)]
+    path = write(tmp_path, "mixed.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    dm = ready(datamodule(tiny_tokenizer, tmp_path, train_file=str(path), batch_size=8, max_tokens_per_batch=400))
+    batches = list(dm.train_dataloader())
+    assert sum(b["input_ids"].shape[0] // 2 for b in batches) == 64  # every pair, once
+    assert all(b["input_ids"].numel() <= 400 for b in batches)
+    sizes = {b["input_ids"].shape[0] // 2 for b in batches}
+    assert 8 in sizes and min(sizes) < 8  # short pairs fill a batch, long ones make smaller ones
