@@ -179,6 +179,8 @@ def trl_job(a: dict[str, Any]) -> dict[str, Any]:
         "wall_s": time.time() - started,
         "peak_rss_mb": peak_rss_mb(),
         "steps": a["steps"],
+        "pairs_kept": f"{len(trainer.train_dataset)} of {sum(1 for _ in open(data / 'train.jsonl'))} train, "
+        f"{len(test)} of {sum(1 for _ in open(data / 'test.jsonl'))} test",
     }
 
 

@@ -113,7 +113,9 @@ def compare(args: argparse.Namespace) -> None:
             f"bf16 matmul peak ({peak['bf16']:.0f} GFLOP/s; fp32 {peak['fp32']:.0f}). Scoring the test split "
             f"(rewardlab's test step): {ours['eval_pairs_per_s']:.1f} pairs/s, "
             f"{ours['eval_pairs_per_s'] / ours['pairs_per_s']:.1f}× its training throughput. One run per row: "
-            "accuracy after this few steps moves by points with the seed (see the accuracy section)."
+            "accuracy after this few steps moves by points with the seed (see the accuracy section). TRL drops "
+            f"pairs longer than max_length (it kept {fastest['pairs_kept']} pairs; rewardlab truncates and keeps "
+            "all): where it drops some, its pairs are shorter, so compare real tokens/s, not pairs/s."
         )
         append(f"rewardlab vs TRL's RewardTrainer, {name}", f"python bench/run.py compare --workloads {name}", body)
 

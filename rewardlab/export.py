@@ -87,13 +87,14 @@ def native_model(backbone: PreTrainedModel, head: nn.Linear) -> PreTrainedModel 
     return model
 
 
-def remote_code_model(backbone: PreTrainedModel, head: nn.Linear) -> PreTrainedModel:
-    """rewardlab's own last-token model (`rewardlab.scoring.MODELING`) with the trained weights."""
+def remote_code_model(backbone: PreTrainedModel, head: nn.Linear, pooling: str) -> PreTrainedModel:
+    """rewardlab's own model (`rewardlab.scoring.MODELING`) with the trained weights and pooling."""
     module = modeling_module(backbone.config.model_type)
     module.RewardlabConfig.register_for_auto_class()
     module.RewardlabForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
     config = module.RewardlabConfig.from_dict(backbone.config.to_dict())
     config.num_labels = 1
+    config.rewardlab_pooling = pooling
     model = module.RewardlabForSequenceClassification(config)
     model.model.load_state_dict(backbone.state_dict(), strict=False)
     with torch.no_grad():
@@ -149,7 +150,14 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     backbone = merged_backbone(model)
     added_pad = choose_pad(tokenizer, sample)
     remote = cfg.remote_code == "always"
-    hf = None if remote else native_model(backbone, model.head)
+    if model.pooling != "last":
+        log.warning(
+            "pooling %s: AutoModelForSequenceClassification gives this model's rewards (RewardBench, TRL's "
+            "RewardTrainer), but TRL's PPO/RLOO get_reward and OpenRLHF read a score at the last token; "
+            "for those, train with model.pooling=last",
+            model.pooling,
+        )
+    hf = None if remote or model.pooling != "last" else native_model(backbone, model.head)
     if hf is not None:
         diff = prepare(hf, tokenizer, added_pad, reference, sample)
         if diff > cfg.tolerance:
@@ -163,7 +171,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                 f"{type(backbone).__name__}: its *ForSequenceClassification does not give rewardlab's "
                 "scores; export with remote_code=auto to write a modeling file instead"
             )
-        hf, remote = remote_code_model(backbone, model.head), True
+        hf, remote = remote_code_model(backbone, model.head, model.pooling), True
         diff = prepare(hf, tokenizer, added_pad, reference, sample)
         if diff > cfg.tolerance:
             raise RuntimeError(f"export does not reproduce rewardlab's scores (max |diff| {diff:.2e})")
@@ -178,6 +186,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "truncation": settings.truncation,
         "special_tokens_in_text": settings.special_tokens_in_text,
         "remote_code": remote,
+        "pooling": model.pooling,
         "normalization": {"split": split, "source": dataset.meta["source"], "responses": int(len(rewards))},
         "parity_max_abs_diff": diff,
     }

@@ -117,7 +117,7 @@ class TrunkCache:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         cache, sequences = self.caches[split], sequence_ids(batch["index"])
         stored = cache.lookup(sequences)
-        if self.trunk.n_frozen is None:  # the whole backbone is frozen: last-token states
+        if self.trunk.n_frozen is None:  # the whole backbone is frozen: the pooled states
             if stored is not None:
                 return model.score(torch.from_numpy(np.concatenate(stored)).to(ids.device))
             last = model.last_hidden(ids, mask)
@@ -212,6 +212,7 @@ def open_trunk_cache(
     splits: dict[str, tuple[str, np.ndarray]],
     folder: Path,
     precision: str,
+    pooling: str,
 ) -> TrunkCache | None:
     """A `TrunkCache` over `splits` (name -> (tokenized split's key, every sequence's length)), or None
     when the frozen part is random (dropout active), so its features could not be reused."""
@@ -224,7 +225,9 @@ def open_trunk_cache(
     hidden = backbone.config.get_text_config().hidden_size
     caches = {}
     for split, (key, lengths) in splits.items():
-        identity = json.dumps({"data": key, "trunk": vars(trunk), "weights": digest, "precision": precision})
+        identity = json.dumps(
+            {"data": key, "trunk": vars(trunk), "weights": digest, "precision": precision, "pooling": pooling}
+        )
         name = f"{key}-{hashlib.sha256(identity.encode()).hexdigest()[:20]}"
         caches[split] = FeatureCache(folder / name, lengths, hidden, per_token=trunk.n_frozen is not None)
     log.info("feature cache on for the frozen trunk (%s): %s", trunk, folder)

@@ -118,3 +118,13 @@ def lora(model: RewardModel, r: int, alpha: float, dropout: float, target_module
     except ValueError as e:
         raise FreezeError(f"freeze=lora: {e}") from e
     _set(model.head, True)
+
+
+def eval_frozen(module: nn.Module) -> None:
+    """Eval mode (no dropout) for every module whose parameters are all frozen."""
+    for child in module.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            child.eval()
+        elif params:
+            eval_frozen(child)

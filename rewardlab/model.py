@@ -1,7 +1,8 @@
 """The reward model: a transformer backbone, a linear head on the last real token, a pairwise loss.
 
 r(x, y) = head(h_last), where h_last is the backbone's final hidden state at the last position
-whose attention mask is 1. Chosen and rejected sequences go through the backbone in one
+whose attention mask is 1 (`model.pooling=last`; `mean` averages the real tokens' states, `first`
+reads the first real token's, BERT's [CLS]). Chosen and rejected sequences go through the backbone in one
 concatenated `(2B, L)` batch; the first B rewards are the chosen ones.
 """
 
@@ -23,7 +24,7 @@ from transformers import PreTrainedModel
 from rewardlab.checks import ConfigError
 from rewardlab.data.rows import DataError
 from rewardlab.features import FrozenTrunk, TrunkCache, open_trunk_cache
-from rewardlab.freeze import modules_after_blocks
+from rewardlab.freeze import eval_frozen, modules_after_blocks
 from rewardlab.losses import Loss
 from rewardlab.metrics import PairMetrics
 from rewardlab.shared_prompt import SharedBatch, as_kind, decide_sharing, mask_kind, pack
@@ -53,13 +54,34 @@ def _disable_dropout(module: nn.Module) -> None:
                 setattr(m, attr, 0.0)
 
 
-def _eval_frozen(module: nn.Module) -> None:
-    for child in module.children():
-        params = list(child.parameters())
-        if params and not any(p.requires_grad for p in params):
-            child.eval()
-        elif params:
-            _eval_frozen(child)
+POOLINGS = ("last", "mean", "first")
+
+
+def is_causal(backbone: PreTrainedModel) -> bool:
+    """Whether a token's final state ignores the tokens after it (a decoder), probed on 6 random
+    tokens with a private generator (the global random state does not move)."""
+    vocab = backbone.config.get_text_config().vocab_size
+    ids = torch.randint(3, max(4, min(vocab, 1000)), (1, 6), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(backbone.device)
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        full = backbone(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[:, :3]
+        part = backbone(input_ids=ids[:, :3], attention_mask=torch.ones_like(ids[:, :3])).last_hidden_state
+    backbone.train(was_training)
+    return bool((full - part).abs().max() <= 1e-5 * part.abs().max().clamp(min=1))
+
+
+def choose_pooling(backbone: PreTrainedModel, pooling: str) -> str:
+    """`model.pooling`: auto reads the last real token of a decoder (the one that has seen the whole
+    text) and the mean over real tokens of an encoder (measured best for MiniLM on the development
+    pairs; see docs/BENCHMARKS.md)."""
+    if pooling == "auto":
+        pooling = "last" if is_causal(backbone) else "mean"
+        log.info("pooling auto: %s (%s backbone)", pooling, "causal" if pooling == "last" else "bidirectional")
+    if pooling not in POOLINGS:
+        raise ConfigError(f"model.pooling: expected auto or one of {', '.join(POOLINGS)}, got {pooling!r}")
+    return pooling
 
 
 class RewardModel(L.LightningModule):
@@ -80,6 +102,7 @@ class RewardModel(L.LightningModule):
         feature_cache_dir: str | None,
         skip_nonfinite: bool,
         share_prompt: bool | str,
+        pooling: str,
     ):
         super().__init__()
         self.backbone = backbone
@@ -92,6 +115,7 @@ class RewardModel(L.LightningModule):
         self.loss_fn, self.optimizer_factory, self.scheduler_factory = loss, optimizer, scheduler
         self.head_lr_mult = head_lr_mult
         self.pass_positions = "position_ids" in inspect.signature(backbone.forward).parameters
+        self.pooling = choose_pooling(backbone, pooling)
         if getattr(backbone, "pooler", None) is not None:
             backbone.pooler = None  # BERT-like [CLS] pooler: unused by a last-token reward, so not trained
         if gradient_checkpointing not in (True, False, "auto"):
@@ -126,7 +150,7 @@ class RewardModel(L.LightningModule):
         (no dropout), so a frozen trunk computes the same features every time, as at inference."""
         super().train(mode)
         if mode:
-            _eval_frozen(self)
+            eval_frozen(self)
         return self
 
     def attention_for(self, width: int) -> None:
@@ -138,11 +162,17 @@ class RewardModel(L.LightningModule):
                 self.backbone.set_attn_implementation(wanted)
 
     def last_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The backbone's final hidden state at each sequence's last real token, `(N, hidden)`."""
+        """The backbone's final hidden states pooled per sequence (`model.pooling`), `(N, hidden)`."""
         self.attention_for(input_ids.shape[1])
         extra = {"position_ids": position_ids(attention_mask)} if self.pass_positions else {}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if self.pooling == "mean":
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(1) / weights.sum(1)
+        if self.pooling == "first":
+            return hidden[rows, attention_mask.int().argmax(-1)]
+        return hidden[rows, last_token_index(attention_mask)]
 
     def score(self, last: Tensor) -> Tensor:
         """The head, in float32 even under mixed precision (it runs outside autocast)."""
@@ -194,7 +224,7 @@ class RewardModel(L.LightningModule):
         """Before fitting: whether pairs share their prompt's pass; check margins where the loss needs
         them; open the frozen-trunk caches."""
         if self.sharing is None:
-            self.sharing = decide_sharing(self, self.share_prompt)
+            self.sharing = decide_sharing(self, self.share_prompt)  # (only `last` pooling can share)
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None:
             return
@@ -209,6 +239,7 @@ class RewardModel(L.LightningModule):
                 {split: datamodule.sequences(split) for split in ("train", "val") if datamodule.has(split)},
                 self.feature_cache_dir,
                 str(self.trainer.precision),
+                self.pooling,
             )
 
     def feature_cache_stats(self) -> dict[str, int]:

@@ -141,6 +141,7 @@ def load_run(
     checkpoint = read_checkpoint(ckpt_path)
     stored = stored_config(checkpoint, str(ckpt_path))
     cfg = checked_config(stored, str(ckpt_path), allow_targets, trust_remote_code)
+    fill_newer_keys(cfg, str(ckpt_path))
     if cache_dir is not None and "cache_dir" in cfg.backbone:
         cfg.backbone.cache_dir = str(Path(cache_dir) / "models")
     cfg.model.feature_cache_dir = None
@@ -149,6 +150,26 @@ def load_run(
     model.load_state_dict(checkpoint["state_dict"])
     ensure_pad_token(backbone.tokenizer)
     return cfg, model.eval(), backbone.tokenizer
+
+
+def fill_newer_keys(cfg: DictConfig, ckpt_path: str) -> None:
+    """A checkpoint from an older rewardlab lacks the `model` and `data` settings added since: they take
+    the packaged defaults, named in the log (a key the checkpoint has is never changed)."""
+    conf = PACKAGE / "conf"
+    packaged = {
+        "model": OmegaConf.load(conf / "train.yaml").model,
+        "data": OmegaConf.load(conf / "data" / "default.yaml"),
+    }
+    added = []
+    for node, defaults in packaged.items():
+        if node not in cfg:
+            continue
+        for key, value in OmegaConf.to_container(defaults, resolve=False).items():
+            if key not in cfg[node] and not key.startswith("_") and key != "defaults":
+                OmegaConf.update(cfg, f"{node}.{key}", value, force_add=True)
+                added.append(f"{node}.{key}={value}")
+    if added:
+        log.warning("%s is from an older rewardlab: %s taken from today's defaults", ckpt_path, ", ".join(added))
 
 
 def split_datamodule(

@@ -37,8 +37,9 @@ AUTO_MAP = {
     "AutoModelForSequenceClassification": "modeling_rewardlab.RewardlabForSequenceClassification",
 }
 MODELING = '''"""A reward model written by rewardlab.export: the backbone's hidden state at the last
-non-padding token (found from the attention mask), through a linear head `score`. Used for
-families whose own *ForSequenceClassification reads another position. Its own model_type makes
+non-padding token (found from the attention mask; or their mean, or the first token's, as
+`config.rewardlab_pooling` says), through a linear head `score`. Used for families whose own
+*ForSequenceClassification reads another position. Its own model_type makes
 loading without trust_remote_code=True fail loudly instead of building an untrained model."""
 
 import torch
@@ -61,7 +62,7 @@ class RewardlabForSequenceClassification(PreTrainedModel):
         super().__init__(config)
         self.model = _Model(config)
         if getattr(self.model, "pooler", None) is not None:
-            self.model.pooler = None  # the reward reads the last token, not the [CLS] pooler
+            self.model.pooler = None  # the reward reads the hidden states, not the [CLS] pooler
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
@@ -78,9 +79,16 @@ class RewardlabForSequenceClassification(PreTrainedModel):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             **kwargs).last_hidden_state
-        last = attention_mask.shape[-1] - 1 - attention_mask.flip(-1).int().argmax(-1)
-        logits = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
-        return SequenceClassifierOutput(logits=logits)
+        pooling = getattr(self.config, "rewardlab_pooling", "last")
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if pooling == "mean":
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1)
+        elif pooling == "first":
+            pooled = hidden[rows, attention_mask.int().argmax(-1)]
+        else:
+            pooled = hidden[rows, attention_mask.shape[-1] - 1 - attention_mask.flip(-1).int().argmax(-1)]
+        return SequenceClassifierOutput(logits=self.score(pooled))
 '''
 
 

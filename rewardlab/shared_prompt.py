@@ -82,6 +82,8 @@ def as_kind(allowed: Tensor, kind: str) -> Tensor:
 def shares_exactly(model: Any) -> tuple[bool, str]:
     """Whether the packed pass gives the backbone's two-pass hidden states on a probe batch (random
     tokens; two pairs that part at different points), in fp32 and eval mode; and why not."""
+    if model.pooling != "last":
+        return False, f"pooling {model.pooling} reads every token, not the last"
     if mask_kind(model.backbone) is None or not model.pass_positions:
         return False, f"attention {getattr(model.backbone.config, '_attn_implementation', None)} takes no 4D mask"
     generator = torch.Generator().manual_seed(0)

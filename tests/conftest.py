@@ -92,6 +92,7 @@ def reward_model(
         feature_cache_dir=None,
         skip_nonfinite=False,
         share_prompt=share_prompt,
+        pooling="last",
     )
 
 

@@ -51,6 +51,19 @@ def test_a_real_checkpoint_loads(stored, tmp_path):
     assert not model.training and tokenizer.pad_token is not None and cfg.backbone.family == "llama"
 
 
+def test_a_checkpoint_from_an_older_rewardlab_takes_todays_defaults_for_newer_keys_and_says_so(
+    stored, tmp_path, caplog
+):
+    old = copy.deepcopy(stored)
+    del old["rewardlab_config"]["model"]["share_prompt"], old["rewardlab_config"]["data"]["max_tokens_per_batch"]
+    old["rewardlab_config"]["model"]["head_lr_mult"] = 3.0
+    with caplog.at_level("WARNING"):
+        cfg, model, _ = load_run(save(tmp_path, old))
+    assert cfg.model.share_prompt == "auto" and cfg.data.max_tokens_per_batch is None
+    assert cfg.model.head_lr_mult == 3.0  # what the checkpoint has stays
+    assert "model.share_prompt=auto, data.max_tokens_per_batch=None taken from today's defaults" in caplog.text
+
+
 ATTACKS = {
     "builtins.open in the loss": ("loss", {"_target_": "builtins.open", "file": "PWNED", "mode": "a"}, "not one of"),
     "os.system in the optimizer": ("optimizer", {"_target_": "os.system", "command": "touch PWNED"}, "not one of"),

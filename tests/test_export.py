@@ -21,14 +21,23 @@ from .conftest import compose_config
 from .test_train import run_cli
 
 QUIZ = Path(__file__).resolve().parent.parent / "rewardlab" / "assets" / "quiz"
-FAMILIES = {"llama": False, "bert": True}  # family -> needs trust_remote_code (BERT's own head reads [CLS])
+FAMILIES = {
+    "llama": False,
+    "bert": True,
+    "bert-last": True,
+}  # family -> needs trust_remote_code (BERT's own head reads [CLS])
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Path]:
     """A tiny decoder, encoder and LoRA model, each trained for 30 steps: their last checkpoints."""
     out = {}
-    for name, overrides in {"llama": [], "bert": ["backbone.family=bert"], "lora": ["freeze=lora"]}.items():
+    for name, overrides in {
+        "llama": [],
+        "bert": ["backbone.family=bert"],  # pooling auto: mean, for an encoder
+        "bert-last": ["backbone.family=bert", "model.pooling=last"],
+        "lora": ["freeze=lora"],
+    }.items():
         run = tmp_path_factory.mktemp(f"run-{name}")
         cfg = compose_config(
             "train",
@@ -200,9 +209,10 @@ def test_cli_chain_export_eval_score(trained, tmp_path):
     assert "reward" in json.loads((tmp_path / "out.jsonl").read_text())
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("family", ["llama", "bert-last"])
 def test_trl_ppo_get_reward_reads_the_same_scores(family, trained, tmp_path, cache_dir):
-    """TRL's PPO/RLOO path: backbone via base_model_prefix, head via `model.score`, right padding."""
+    """TRL's PPO/RLOO path: backbone via base_model_prefix, head via `model.score` at the last token,
+    right padding; so for last-token pooling (a mean-pooled encoder says so when exported)."""
     utils = pytest.importorskip("trl.experimental.utils")
     remote = FAMILIES[family]
     export_to(trained[family], tmp_path / "export", cache_dir)
@@ -217,6 +227,15 @@ def test_trl_ppo_get_reward_reads_the_same_scores(family, trained, tmp_path, cac
         _, trl_scores, _ = utils.get_reward(hf, query_responses, tok.pad_token_id, len(prompt))
         ours = model(query_responses, (query_responses != tok.pad_token_id).long())
     assert torch.allclose(trl_scores, ours, atol=1e-4)
+
+
+def test_a_mean_pooled_export_says_its_pooling_and_that_ppo_reads_the_last_token(trained, tmp_path, cache_dir, caplog):
+    with caplog.at_level("WARNING"):
+        info = export_to(trained["bert"], tmp_path / "export", cache_dir)
+    assert info["pooling"] == "mean" and info["remote_code"] is True
+    assert "TRL's PPO/RLOO get_reward and OpenRLHF read a score at the last token" in caplog.text
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["rewardlab_pooling"] == "mean"
 
 
 def test_export_never_replaces_what_is_not_an_earlier_export(trained, tmp_path, cache_dir):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rewardlab.backbones import tiny
+from rewardlab.checks import ConfigError
 from rewardlab.data.batching import PairCollator
 from rewardlab.metrics import PairMetrics
 from rewardlab.model import RewardModel, last_token_index, position_ids
@@ -131,3 +132,31 @@ def test_pair_metrics_count_ties_as_wrong_and_match_torch():
     assert out["reward_chosen"].item() == pytest.approx(3.5 / 3)
     assert out["reward_rejected"].item() == pytest.approx(3.5 / 3)
     assert out["reward_std"].item() == pytest.approx(torch.cat([chosen, rejected]).std(unbiased=False).item())
+
+
+@pytest.mark.parametrize(("family", "expected"), [("llama", "last"), ("gpt2", "last"), ("bert", "mean")])
+def test_pooling_auto_reads_the_last_token_of_decoders_and_the_mean_of_encoders(family, expected):
+    from rewardlab.model import choose_pooling
+
+    torch.manual_seed(0)
+    backbone = tiny(family, 32, 1, 4, 64, 128, 0.1, 0.12).model.train()
+    state = torch.get_rng_state()
+    assert choose_pooling(backbone, "auto") == expected
+    assert torch.equal(torch.get_rng_state(), state) and backbone.training  # no draw, mode kept
+    assert choose_pooling(backbone, "first") == "first"
+    with pytest.raises(ConfigError, match="model.pooling: expected auto or one of last, mean, first, got 'cls'"):
+        choose_pooling(backbone, "cls")
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mean_and_first_pooling_read_only_real_tokens_whatever_the_padding(family, pooling):
+    model = build(family)
+    model.pooling = pooling
+    with torch.no_grad():
+        hidden = [model.backbone(input_ids=torch.tensor([s]), attention_mask=torch.ones(1, len(s))).last_hidden_state[0]
+                  for s in SEQS]  # fmt: skip
+        expected = torch.stack([h.mean(0) if pooling == "mean" else h[0] for h in hidden]) @ model.head.weight[0]
+        for side in ("right", "left"):
+            ids, mask = padded(SEQS, side, pad=77)
+            torch.testing.assert_close(model(ids, mask), expected, rtol=1e-4, atol=1e-5)
