@@ -97,7 +97,6 @@ def rewardlab_job(a: dict[str, Any]) -> dict[str, Any]:
         / seconds
         if backbone == "minilm"
         else None,
-        "padded_tokens": results["train/tokens"] / results["train/padding_efficiency"],
         "test_acc": results["test/acc"],
         "val_acc": results["val/acc"],
         "eval_pairs_per_s": results["test/pairs_per_s"],

@@ -74,10 +74,10 @@ def is_causal(backbone: PreTrainedModel) -> bool:
 
 def choose_pooling(backbone: PreTrainedModel, pooling: str) -> str:
     """`model.pooling`: auto reads the last real token of a decoder (the one that has seen the whole
-    text) and the mean over real tokens of an encoder (measured best for MiniLM on the development
-    pairs; see docs/BENCHMARKS.md)."""
+    text) and the first of an encoder ([CLS], trained to sum up the text: for MiniLM on the development
+    pairs the best of last, mean and first; see docs/BENCHMARKS.md)."""
     if pooling == "auto":
-        pooling = "last" if is_causal(backbone) else "mean"
+        pooling = "last" if is_causal(backbone) else "first"
         log.info("pooling auto: %s (%s backbone)", pooling, "causal" if pooling == "last" else "bidirectional")
     if pooling not in POOLINGS:
         raise ConfigError(f"model.pooling: expected auto or one of {', '.join(POOLINGS)}, got {pooling!r}")

@@ -34,7 +34,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[s
     out = {}
     for name, overrides in {
         "llama": [],
-        "bert": ["backbone.family=bert"],  # pooling auto: mean, for an encoder
+        "bert": ["backbone.family=bert"],  # pooling auto: first ([CLS]), for an encoder
         "bert-last": ["backbone.family=bert", "model.pooling=last"],
         "lora": ["freeze=lora"],
     }.items():
@@ -212,7 +212,7 @@ def test_cli_chain_export_eval_score(trained, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "bert-last"])
 def test_trl_ppo_get_reward_reads_the_same_scores(family, trained, tmp_path, cache_dir):
     """TRL's PPO/RLOO path: backbone via base_model_prefix, head via `model.score` at the last token,
-    right padding; so for last-token pooling (a mean-pooled encoder says so when exported)."""
+    right padding; so for last-token pooling (an encoder pooled otherwise says so when exported)."""
     utils = pytest.importorskip("trl.experimental.utils")
     remote = FAMILIES[family]
     export_to(trained[family], tmp_path / "export", cache_dir)
@@ -229,13 +229,13 @@ def test_trl_ppo_get_reward_reads_the_same_scores(family, trained, tmp_path, cac
     assert torch.allclose(trl_scores, ours, atol=1e-4)
 
 
-def test_a_mean_pooled_export_says_its_pooling_and_that_ppo_reads_the_last_token(trained, tmp_path, cache_dir, caplog):
+def test_an_encoder_export_says_its_pooling_and_that_ppo_reads_the_last_token(trained, tmp_path, cache_dir, caplog):
     with caplog.at_level("WARNING"):
         info = export_to(trained["bert"], tmp_path / "export", cache_dir)
-    assert info["pooling"] == "mean" and info["remote_code"] is True
+    assert info["pooling"] == "first" and info["remote_code"] is True
     assert "TRL's PPO/RLOO get_reward and OpenRLHF read a score at the last token" in caplog.text
     config = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert config["rewardlab_pooling"] == "mean"
+    assert config["rewardlab_pooling"] == "first"
 
 
 def test_export_never_replaces_what_is_not_an_earlier_export(trained, tmp_path, cache_dir):

@@ -134,8 +134,8 @@ def test_pair_metrics_count_ties_as_wrong_and_match_torch():
     assert out["reward_std"].item() == pytest.approx(torch.cat([chosen, rejected]).std(unbiased=False).item())
 
 
-@pytest.mark.parametrize(("family", "expected"), [("llama", "last"), ("gpt2", "last"), ("bert", "mean")])
-def test_pooling_auto_reads_the_last_token_of_decoders_and_the_mean_of_encoders(family, expected):
+@pytest.mark.parametrize(("family", "expected"), [("llama", "last"), ("gpt2", "last"), ("bert", "first")])
+def test_pooling_auto_reads_the_last_token_of_decoders_and_the_first_of_encoders(family, expected):
     from rewardlab.model import choose_pooling
 
     torch.manual_seed(0)
@@ -143,7 +143,7 @@ def test_pooling_auto_reads_the_last_token_of_decoders_and_the_mean_of_encoders(
     state = torch.get_rng_state()
     assert choose_pooling(backbone, "auto") == expected
     assert torch.equal(torch.get_rng_state(), state) and backbone.training  # no draw, mode kept
-    assert choose_pooling(backbone, "first") == "first"
+    assert choose_pooling(backbone, "mean") == "mean"
     with pytest.raises(ConfigError, match="model.pooling: expected auto or one of last, mean, first, got 'cls'"):
         choose_pooling(backbone, "cls")
 
