@@ -1,8 +1,9 @@
 """Fast settings decided from the hardware and the model, measured once and remembered.
 
 - `trainer.precision=auto`: bf16 autocast (the head and the loss stay fp32) where the device has bf16
-  instructions (a GPU that supports it; a CPU with AVX512-BF16 or AMX-BF16), fp32 otherwise: read from
-  the hardware, so every run on a machine decides alike.
+  instructions (a GPU that supports it; a CPU with AVX512-BF16 or AMX-BF16) and a training step of this
+  backbone measured at least 5% faster in bf16 than in fp32; fp32 otherwise. Small models (the tiny
+  default: 64-wide matrices) run slower under autocast, whose casts then cost more than they save.
 - `backbone.attn_implementation=auto`: of eager and sdpa (transformers' default), the one a training
   step of this backbone measured faster on this device, by pass width: eager only where it is at least
   5% faster (on CPUs, short passes), sdpa from the width where it stops being so (long passes; it also
@@ -12,7 +13,7 @@
 - `model.gradient_checkpointing=auto`: recompute activations only for a batch whose estimated
   activation memory would not fit in the memory free when training starts.
 
-The attention measurement takes a few seconds and is remembered in `paths.speed_file` (per user and
+The measurements take a few seconds and is remembered in `paths.speed_file` (per user and
 machine, by default in ~/.cache/rewardlab/), keyed by the device, torch's version and the model's
 shape: once per machine and model, not per run or folder.
 """
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 ATTENTIONS = ("eager", "sdpa")
 EAGER_GAIN = 1.05  # eager replaces sdpa (transformers' default) only when a training step runs this much faster
+BF16_GAIN = 1.05  # bf16 autocast replaces fp32 only when a training step runs this much faster
+PRECISION_WIDTH = 128  # the pass width the precision probe measures
 PROBE_WIDTHS = (64, 128, 256)  # pass widths the attention probe measures
 
 
@@ -98,6 +101,8 @@ def _train_step_seconds(model: PreTrainedModel, device: str, precision: str, wid
             out = model(input_ids=ids, attention_mask=mask).last_hidden_state
         out.float().mean().backward()
         model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     return _seconds(step, repeats=1)
 
@@ -142,40 +147,57 @@ def bf16_capable(accelerator: str) -> tuple[bool, str]:
     return False, "this CPU has no bf16 instructions (avx512_bf16, amx_bf16)"
 
 
+def _interleaved(model: PreTrainedModel, device: str, runs: list[tuple[str, str, int]]) -> list[float]:
+    """Median seconds of a training step for each (attention, precision, width) in `runs`, measured three
+    times interleaved (a busy moment of the machine weighs on all alike), in eval mode (dropout off, as
+    reward models train; gradients still flow). The global random state and the model's attention stay."""
+    was_training, attention = model.training, model.config._attn_implementation
+    times: list[list[float]] = [[] for _ in runs]
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
+        model.eval()
+        for _ in range(3):
+            for i, (name, precision, width) in enumerate(runs):
+                model.set_attn_implementation(name)
+                times[i].append(_train_step_seconds(model, device, precision, width))
+    model.set_attn_implementation(attention)
+    model.train(was_training)
+    return [round(sorted(t)[1], 4) for t in times]
+
+
 def choose_speed(
     model: PreTrainedModel, accelerator: str, precision: str, attention: str | None, cache: Measurements
 ) -> tuple[str, str, int | None, str]:
     """(precision, attention implementation, eager_up_to, why) for the settings left `auto`: bf16 autocast
-    where the device has bf16 instructions; eager attention for passes up to `eager_up_to` tokens wide
-    and sdpa beyond (None: the one implementation for all widths), from `attention_plan` of a measured
-    training step at each of `PROBE_WIDTHS`. The model is switched to the chosen attention."""
+    where the device has bf16 instructions and a training step ran at least `BF16_GAIN` faster with it;
+    eager attention for passes up to `eager_up_to` tokens wide and sdpa beyond (None: the one
+    implementation for all widths), from `attention_plan` of a measured training step at each of
+    `PROBE_WIDTHS`. The model is switched to the chosen attention."""
     reasons = []
+    config = model.config.get_text_config()
+    shape = f"{type(model).__name__} h{config.hidden_size} l{config.num_hidden_layers} a{config.num_attention_heads}"
+    device = "cuda" if accelerator == "gpu" else "cpu"
     if precision == "auto":
         bf16, why = bf16_capable(accelerator)
         precision = "bf16-mixed" if bf16 else "32-true"
+        if bf16:
+            current = model.config._attn_implementation
+            key = f"bf16 over fp32 | {device_name(accelerator)} | {shape} | {current} | width {PRECISION_WIDTH}"
+            runs = [(current, p, PRECISION_WIDTH) for p in ("32-true", "bf16-mixed")]
+            (fp32, half), fresh = cache.get(key, lambda: _interleaved(model, device, runs))
+            precision = "bf16-mixed" if fp32 >= BF16_GAIN * half else "32-true"
+            why += (
+                f", and a training step of {type(model).__name__} ran {fp32 / half:.2f}x as fast in bf16 as in fp32 "
+                f"(measured {'now' if fresh else 'before'}; bf16 only where at least {BF16_GAIN:.2f}x)"
+            )
         reasons.append(f"{precision}: {why}")
     if attention != "auto":
         return precision, model.config._attn_implementation, None, "; ".join(reasons) or "as configured"
-    config = model.config.get_text_config()
-    shape = f"{type(model).__name__} h{config.hidden_size} l{config.num_hidden_layers} a{config.num_attention_heads}"
     key = f"attention by width | {device_name(accelerator)} | {shape} | {precision}"
-    device = "cuda" if accelerator == "gpu" else "cpu"
+    runs = [(name, precision, width) for width in PROBE_WIDTHS for name in ATTENTIONS]
 
     def measure() -> dict[str, dict[str, float]]:
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
-            return _measure()  # the global random state stays as it was: a seeded run is the same with or without
-
-    def _measure() -> dict[str, dict[str, float]]:
-        times: dict[str, dict[str, list[float]]] = {name: {str(w): [] for w in PROBE_WIDTHS} for name in ATTENTIONS}
-        was_training = model.training
-        model.eval()  # dropout off, as reward models train (model.disable_dropout); gradients still flow
-        for _ in range(3):  # interleaved, so a busy moment of the machine weighs on both alike
-            for width in PROBE_WIDTHS:
-                for name in ATTENTIONS:
-                    model.set_attn_implementation(name)
-                    times[name][str(width)].append(_train_step_seconds(model, device, precision, width))
-        model.train(was_training)
-        return {name: {w: round(sorted(t)[1], 4) for w, t in by.items()} for name, by in times.items()}  # medians
+        medians = _interleaved(model, device, runs)
+        return {name: {str(w): t for (n, _, w), t in zip(runs, medians) if n == name} for name in ATTENTIONS}
 
     times, fresh = cache.get(key, measure)
     chosen, eager_up_to = attention_plan(times)

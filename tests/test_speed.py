@@ -13,15 +13,40 @@ from rewardlab.speed import ActivationEstimate, Measurements, choose_speed
 from rewardlab.train import train
 
 
-@pytest.mark.parametrize("flags, precision", [("avx2 avx512_bf16", "bf16-mixed"), ("avx2 amx_bf16", "bf16-mixed"),
-                                               ("avx2 avx512f", "32-true")])  # fmt: skip
-def test_precision_follows_the_cpus_bf16_instructions(flags, precision, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "flags, bf16_seconds, precision",
+    [
+        ("avx2 avx512_bf16", 0.5, "bf16-mixed"),
+        ("avx2 amx_bf16", 0.9, "bf16-mixed"),
+        ("avx2 avx512_bf16", 0.97, "32-true"),  # bf16 instructions, but not 5% faster for this model
+        ("avx2 avx512_bf16", 1.7, "32-true"),  # small models: autocast's casts cost more than they save
+        ("avx2 avx512f", 0.5, "32-true"),  # no bf16 instructions: nothing measured
+    ],
+)
+def test_precision_is_bf16_where_the_cpu_has_it_and_a_step_measured_faster(
+    flags, bf16_seconds, precision, tmp_path, monkeypatch
+):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor : 0\nflags : fpu {flags}\n")
     monkeypatch.setattr(speed, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else Path(p))
+    calls = []
+
+    def fake(model, device, precision, width):
+        calls.append((precision, width))
+        return bf16_seconds if precision == "bf16-mixed" else 1.0
+
+    monkeypatch.setattr(speed, "_train_step_seconds", fake)
+    cache = Measurements(tmp_path / "s.json")
     model = tiny("llama", 32, 1, 2, 64, 128, 0.0).model
-    chosen, _, _, why = choose_speed(model, "cpu", "auto", "eager", Measurements(tmp_path / "s.json"))
-    assert chosen == precision and ("has avx512_bf16" in why or "amx" in why or "no bf16 instructions" in why)
+    chosen, _, _, why = choose_speed(model, "cpu", "auto", "eager", cache)
+    assert chosen == precision
+    if "bf16" in flags:
+        assert calls == [("32-true", 128), ("bf16-mixed", 128)] * 3
+        assert f"ran {1 / bf16_seconds:.2f}x as fast in bf16 as in fp32 (measured now" in why
+        again = choose_speed(tiny("llama", 32, 1, 2, 64, 128, 0.0).model, "cpu", "auto", "eager", cache)
+        assert again[0] == precision and "measured before" in again[3] and len(calls) == 6
+    else:
+        assert calls == [] and "no bf16 instructions" in why
 
 
 @pytest.mark.parametrize(
