@@ -6,7 +6,8 @@ with the command that produced it, to docs/BENCHMARKS.md.
     python bench/run.py shared                  SmolLM2 on long prompts: the shared-prompt pass vs two passes
     python bench/run.py cache                   frozen-trunk feature cache: epoch 1 vs later epochs
     python bench/run.py memory                  peak RSS at 1x and 10x the data
-    python bench/run.py accuracy [--seeds 5]    held-out accuracy over seeds on the development pairs
+    python bench/run.py accuracy [--seeds 5] [--train-pairs 1024] [--variant "name: overrides"]
+                                                held-out accuracy over seeds on the development pairs
 
 Workloads (bench/workloads.py): `chitchat-pairs`, the project's real human preference pairs
 (`../shared/data/chitchat-pairs`, when present); `hh` and `uf`, real English conversations shaped
@@ -17,6 +18,7 @@ responses); and the embedded quiz. MiniLM, full fine-tune, max_length 256, 8 pai
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -211,28 +213,88 @@ def memory(args: argparse.Namespace) -> None:
     append("Peak memory against dataset size", f"python bench/run.py memory --workloads {folder.name}", body)
 
 
+def development(train_pairs: int) -> Path:
+    """The development pairs for accuracy: the first `train_pairs` training pairs (0: all), and the whole
+    val split as both val and test (one validation at the end of the one epoch, so nothing is selected on it)."""
+    if not DEV.exists():
+        raise FileNotFoundError(f"{DEV}: the development pairs are not on this machine")
+    train = (DEV / "train.jsonl").read_text().splitlines(keepends=True)
+    train = train[:train_pairs] if train_pairs else train
+    folder = CACHE / f"chitchat-dev-{len(train)}"
+    if not (folder / "test.jsonl").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "train.jsonl").write_text("".join(train))
+        for split in ("val", "test"):
+            (folder / f"{split}.jsonl").write_text((DEV / "val.jsonl").read_text())
+    return folder
+
+
+def longer_baseline(folder: Path) -> float:
+    """Accuracy of always preferring the longer response (in characters; a tie counts half)."""
+    rows = [json.loads(line) for line in open(folder / "test.jsonl")]
+    wins = [(len(r["chosen"]) > len(r["rejected"])) + 0.5 * (len(r["chosen"]) == len(r["rejected"])) for r in rows]
+    return sum(wins) / len(wins)
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and its 95% confidence interval (Student's t over the seeds)."""
+    from scipy import stats
+
+    mean = statistics.mean(values)
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
 def accuracy(args: argparse.Namespace) -> None:
-    """Held-out accuracy over seeds, rewardlab (defaults) and TRL's fastest configuration, on a workload
-    with real preferences; one epoch over the training pairs."""
-    folder = data(args.workloads.split(",")[0])
-    steps = args.steps if args.steps > 0 else -(-sum(1 for _ in open(folder / "train.jsonl")) // PAIRS_PER_BATCH)
-    runs: dict[str, list[float]] = {"rewardlab, defaults": [], "TRL, bf16, no checkpointing": []}
+    """Held-out accuracy over seeds on the development pairs (whole val split): rewardlab's defaults and
+    each `--variant`, TRL's fastest configuration, and "pick the longer response"; one epoch over the
+    training pairs; each variant against TRL seed by seed (paired), with 95% CIs."""
+    folder = development(args.train_pairs)
+    pairs = sum(1 for _ in open(folder / "train.jsonl"))
+    steps = -(-pairs // PAIRS_PER_BATCH)
+    variants = {"rewardlab, defaults": list(args.overrides)}
+    for spec in args.variant:
+        name, _, overrides = spec.partition(":")
+        variants[name.strip()] = [*args.overrides, *overrides.split()]
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    trl = "TRL, bf16, no checkpointing"
+    if not args.no_trl:
+        runs[trl] = []
     for seed in range(1, args.seeds + 1):
-        common = dict(data=str(folder), lr=LR, steps=steps, seed=seed, label=f"seed {seed}")
-        runs["rewardlab, defaults"].append(run_job("rewardlab", overrides=args.overrides, **common)["test_acc"])
-        runs["TRL, bf16, no checkpointing"].append(
-            run_job("trl", gradient_checkpointing=False, bf16=True, **common)["test_acc"]
+        common = dict(data=str(folder), lr=LR, steps=steps, seed=seed)
+        for name, overrides in variants.items():
+            runs[name].append(
+                run_job("rewardlab", overrides=overrides, label=f"{name}, seed {seed}", **common)["test_acc"]
+            )
+        if not args.no_trl:
+            runs[trl].append(run_job("trl", gradient_checkpointing=False, bf16=True, label=f"seed {seed}", **common)[
+                "test_acc"])  # fmt: skip
+    base = runs[trl] if not args.no_trl else runs["rewardlab, defaults"]
+    rows = []
+    for name, accs in runs.items():
+        mean, low, high = interval(accs)
+        diff = [a - b for a, b in zip(accs, base)]
+        d = interval(diff) if accs is not base else (0.0, 0.0, 0.0)
+        rows.append(
+            [name, *accs, mean, f"{low:.3f}..{high:.3f}", f"{d[0] * 100:+.1f} ({d[1] * 100:+.1f}..{d[2] * 100:+.1f})"]
         )
-    rows = [[k, *v, statistics.mean(v), statistics.stdev(v)] for k, v in runs.items()]
-    body = table(["trainer", *[f"seed {i}" for i in range(1, args.seeds + 1)], "mean", "sd"], rows)
-    diff = [a - b for a, b in zip(*runs.values())]
-    body += (
-        f"\n\n{folder.name}, MiniLM, {steps} steps × {PAIRS_PER_BATCH} pairs, lr {LR}. Mean difference "
-        f"rewardlab − TRL: {statistics.mean(diff) * 100:+.1f} points (sd of the paired differences "
-        f"{statistics.stdev(diff) * 100:.1f})."
+    longer = longer_baseline(folder)
+    rows.append(["pick the longer response", *[""] * args.seeds, longer, "", ""])
+    against = trl if not args.no_trl else "rewardlab, defaults"
+    body = table(
+        ["run", *[f"seed {i}" for i in range(1, args.seeds + 1)], "mean", "95% CI", f"− {against}, points (95% CI)"],
+        rows,
     )
-    extra = f" --overrides {' '.join(args.overrides)}" if args.overrides else ""
-    append("Held-out accuracy over seeds", f"python bench/run.py accuracy --workloads {folder.name}{extra}", body)
+    body += (
+        f"\n\nDevelopment pairs: the first {pairs} training pairs, one epoch ({steps} steps × {PAIRS_PER_BATCH} "
+        f"pairs), MiniLM full fine-tune, max_length {MAX_LENGTH}, lr {LR}; accuracy on the whole val split "
+        f"({sum(1 for _ in open(folder / 'test.jsonl'))} pairs). Differences are paired by seed. Variants: "
+        + "; ".join(f"{k}: `{' '.join(v) or '(none)'}`" for k, v in variants.items())
+    )
+    command = f"python bench/run.py accuracy --train-pairs {args.train_pairs} --seeds {args.seeds}"
+    command += "".join(f' --variant "{v}"' for v in args.variant) + (" --no-trl" if args.no_trl else "")
+    command += f" --overrides {' '.join(args.overrides)}" if args.overrides else ""
+    append(f"Held-out accuracy over seeds, {pairs} training pairs", command, body)
 
 
 def main() -> None:
@@ -241,7 +303,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="training steps per run (accuracy: 0 = one epoch)")
     parser.add_argument("--workloads", default=None, help="comma-separated (default: each command's own)")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--overrides", nargs="*", default=[], help="accuracy: extra rewardlab overrides")
+    parser.add_argument("--overrides", nargs="*", default=[], help="accuracy: rewardlab overrides for every run")
+    parser.add_argument("--variant", action="append", default=[], help='accuracy: "name: override override ..."')
+    parser.add_argument("--train-pairs", type=int, default=1024, help="accuracy: the first N training pairs (0: all)")
+    parser.add_argument("--no-trl", action="store_true", help="accuracy: rewardlab's runs only")
     args = parser.parse_args()
     if args.workloads is None:
         args.workloads = {"compare": ",".join(["chitchat-pairs", *sorted(BUILDERS.keys() - {"chitchat"}), "quiz"]),

@@ -36,8 +36,10 @@ def _job_name() -> str | None:
 
 
 # Resolvers used in conf/: `${rl_cwd:}` is the folder the command runs in (outputs and caches go
-# under it, as Hydra's do), `${rl_package:}` the installed package (its embedded data).
+# under it, as Hydra's do), `${rl_package:}` the installed package (its embedded data), `${rl_times:x,k}`
+# x times k (an optimizer's rate from the backbone's recipe).
 OmegaConf.register_new_resolver("rl_cwd", os.getcwd, replace=True)
+OmegaConf.register_new_resolver("rl_times", lambda x, k: float(x) * float(k), replace=True)
 OmegaConf.register_new_resolver("rl_package", lambda: str(PACKAGE), replace=True)
 OmegaConf.register_new_resolver("rl_sweep_group", _sweep_group, replace=True)
 OmegaConf.register_new_resolver("rl_job_overrides", _job_overrides, replace=True)

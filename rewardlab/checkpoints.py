@@ -43,7 +43,8 @@ def group_targets() -> dict[str, frozenset[str]]:
     found: dict[str, set[str]] = {group: set() for group in BUILT_FROM_CHECKPOINT}
     for group in found:
         for path in (CONF_DIR / group).glob("*.yaml"):
-            target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
+            option = yaml.safe_load(path.read_text()) or {}
+            target = option.get(group, {}).get("_target_") if group == "backbone" else option.get("_target_")
             if isinstance(target, str):
                 found[group].add(target)
     found["model"].add(yaml.safe_load((CONF_DIR / "train.yaml").read_text())["model"]["_target_"])

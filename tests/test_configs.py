@@ -60,8 +60,14 @@ def needs(group: str, option: str, local_model: Path, margin_data: Path) -> list
         ]
     if (group, option) == ("freeze", "bitfit"):
         return ["backbone.family=gpt2"]  # Llama-like backbones have no biases
-    if (group, option) == ("backbone", "smollm2_135m"):  # 135M parameters on 2 CPU cores: keep it small
-        return ["data.batch_size=2", "data.eval_batch_size=4", "trainer.limit_train_batches=2"]
+    if (group, option) == ("backbone", "smollm2_135m"):  # 135M parameters on 2 CPU cores: keep it small, and
+        return [  # skip the speed probes (minutes for this model here; tested on small ones in test_speed.py)
+            "data.batch_size=2",
+            "data.eval_batch_size=4",
+            "trainer.limit_train_batches=2",
+            "trainer.precision=bf16-mixed",
+            "backbone.attn_implementation=sdpa",
+        ]
     if (group, option) == ("experiment", "backbone_compare"):
         return ["trainer.val_check_interval=1.0"]
     if (group, option) == ("backbone", "hf"):
@@ -203,3 +209,24 @@ def test_optuna_search_composes_and_maximises_val_acc_best():
         cfg = compose("train", overrides=["hparams_search=optuna"], return_hydra_config=True)
     assert cfg.optimized_metric == "val/acc_best" and cfg.hydra.sweeper.direction == "maximize"
     assert "optimizer.lr" in cfg.hydra.sweeper.params and str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+
+
+@pytest.mark.parametrize(
+    "overrides, lr",
+    [
+        ([], 2e-3),  # the tiny model from scratch
+        (["backbone=minilm"], 2e-5),  # a pretrained encoder: two orders of magnitude lower
+        (["backbone=smollm2_135m"], 1e-5),
+        (["backbone=hf"], 1e-5),
+        (["backbone=minilm", "optimizer=sgd"], 25 * 2e-5),  # each optimizer scales the recipe's AdamW rate
+        (["backbone=minilm", "optimizer=lion"], 0.15 * 2e-5),
+        (["backbone=minilm", "optimizer.lr=1e-4"], 1e-4),  # the command line wins
+        (["backbone=minilm", "experiment=freeze_ablation"], 1e-4),  # and so does a preset
+    ],
+)
+def test_each_backbone_brings_its_learning_rate(overrides, lr):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    assert cfg.optimizer.lr == pytest.approx(lr, rel=1e-9)
