@@ -23,7 +23,9 @@ def stored(tmp_path_factory, cache_dir) -> dict:
 
     cfg = compose_config("train", ["logger=none"], tmp_path_factory.mktemp("run"), cache_dir)
     _, model = build(cfg)
-    return {"rewardlab_config": OmegaConf.to_container(cfg.copy(), resolve=False), "state_dict": model.state_dict()}
+    config = OmegaConf.to_container(cfg.copy(), resolve=False)
+    config["optimizer"] = OmegaConf.to_container(cfg.optimizer, resolve=True)  # its lr reads the backbone's recipe
+    return {"rewardlab_config": config, "state_dict": model.state_dict()}
 
 
 def save(tmp_path: Path, checkpoint: dict, **changes: dict) -> str:
