@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -35,11 +36,25 @@ def _job_name() -> str | None:
     return (job.job.override_dirname or None) if _sweep_group() else None
 
 
+def _recipe_lr(scale: str, *, _root_: Any) -> float:
+    """The backbone's recipe learning rate (`recipe.lr`, conf/backbone/) times `scale`: the optimizer
+    options' default rate."""
+    from rewardlab.errors import UserError
+
+    lr = OmegaConf.select(_root_, "recipe.lr", default=None)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise UserError(
+            f"recipe.lr: the optimizer's rate is the backbone's recipe rate times {scale}; expected a number, got "
+            f"{lr!r} (a backbone option of your own needs `recipe: {{lr: ...}}`, or set optimizer.lr=...)"
+        )
+    return float(lr) * float(scale)
+
+
 # Resolvers used in conf/: `${rl_cwd:}` is the folder the command runs in (outputs and caches go
-# under it, as Hydra's do), `${rl_package:}` the installed package (its embedded data), `${rl_times:x,k}`
-# x times k (an optimizer's rate from the backbone's recipe).
+# under it, as Hydra's do), `${rl_package:}` the installed package (its embedded data), `${rl_recipe_lr:k}`
+# the backbone's recipe.lr times k (an optimizer's rate).
 OmegaConf.register_new_resolver("rl_cwd", os.getcwd, replace=True)
-OmegaConf.register_new_resolver("rl_times", lambda x, k: float(x) * float(k), replace=True)
+OmegaConf.register_new_resolver("rl_recipe_lr", _recipe_lr, replace=True)
 OmegaConf.register_new_resolver("rl_package", lambda: str(PACKAGE), replace=True)
 OmegaConf.register_new_resolver("rl_sweep_group", _sweep_group, replace=True)
 OmegaConf.register_new_resolver("rl_job_overrides", _job_overrides, replace=True)

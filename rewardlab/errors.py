@@ -9,6 +9,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf.errors import InterpolationResolutionError
 
 
 class UserError(Exception):
@@ -24,6 +25,13 @@ def one_line_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def run(cfg: Any) -> Any:
         try:
             return task(cfg)
+        except InterpolationResolutionError as e:  # a `${...}` in the settings that does not resolve
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise
+            lines = str(e).splitlines()
+            where = next((x.split(":", 1)[1].strip() for x in lines if x.strip().startswith("full_key:")), "settings")
+            print(f"error: {where}: {lines[0].split('resolving interpolation: ')[-1]}", file=sys.stderr)
+            raise SystemExit(1) from None
         except (UserError, FileExistsError, FileNotFoundError) as e:
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise

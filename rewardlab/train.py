@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from rewardlab.callbacks import Throughput
 from rewardlab.checkpoints import UntrustedCheckpoint, read_checkpoint, stored_config
@@ -226,7 +227,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         finish_loggers(loggers, exit_code=PREEMPTED_EXIT_CODE)
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except BaseException as e:
-        user_error = isinstance(e, UserError)
+        user_error = isinstance(e, (UserError, InterpolationResolutionError))  # a bad `${...}`: the user's setting
         log.error("run failed: %s: %s", type(e).__name__, redact(str(e)), exc_info=not user_error)
         finish_loggers(loggers, exit_code=1)
         raise

@@ -230,3 +230,20 @@ def test_each_backbone_brings_its_learning_rate(overrides, lr):
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     assert cfg.optimizer.lr == pytest.approx(lr, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("recipe.lr=abc", "error: optimizer.lr: recipe.lr: the optimizer's rate is the backbone's recipe rate times 1; "
+         "expected a number, got 'abc'"),
+        ("~recipe", "expected a number, got None (a backbone option of your own needs `recipe: {lr: ...}`"),
+        ("optimizer.lr=${nope}", "error: optimizer.lr: Interpolation key 'nope' not found"),
+    ],
+)  # fmt: skip
+def test_a_learning_rate_that_does_not_resolve_is_one_line_naming_the_key(override, says, tmp_path):
+    from .test_train import run_cli
+
+    done = run_cli(override, "logger=none", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    assert done.returncode == 1 and says in done.stderr.splitlines()[-1]
+    assert "Traceback" not in done.stderr
