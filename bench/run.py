@@ -300,7 +300,7 @@ def accuracy(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["compare", "levers", "shared", "cache", "memory", "accuracy"])
-    parser.add_argument("--steps", type=int, default=64, help="training steps per run (accuracy: 0 = one epoch)")
+    parser.add_argument("--steps", type=int, default=64, help="training steps per run (accuracy: one epoch, always)")
     parser.add_argument("--workloads", default=None, help="comma-separated (default: each command's own)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--overrides", nargs="*", default=[], help="accuracy: rewardlab overrides for every run")
@@ -308,6 +308,8 @@ def main() -> None:
     parser.add_argument("--train-pairs", type=int, default=1024, help="accuracy: the first N training pairs (0: all)")
     parser.add_argument("--no-trl", action="store_true", help="accuracy: rewardlab's runs only")
     args = parser.parse_args()
+    if args.what == "accuracy" and (args.seeds < 2 or args.train_pairs < 0):
+        parser.error("accuracy: --seeds must be at least 2 (a confidence interval needs two) and --train-pairs >= 0")
     if args.workloads is None:
         args.workloads = {"compare": ",".join(["chitchat-pairs", *sorted(BUILDERS.keys() - {"chitchat"}), "quiz"]),
                           "shared": "hh"}.get(args.what, "chitchat-pairs")  # fmt: skip

@@ -42,10 +42,11 @@ def _recipe_lr(scale: str, *, _root_: Any) -> float:
     from rewardlab.errors import UserError
 
     lr = OmegaConf.select(_root_, "recipe.lr", default=None)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
         raise UserError(
-            f"recipe.lr: the optimizer's rate is the backbone's recipe rate times {scale}; expected a number, got "
-            f"{lr!r} (a backbone option of your own needs `recipe: {{lr: ...}}`, or set optimizer.lr=...)"
+            f"recipe.lr: the optimizer's rate is the backbone's recipe rate times {scale}; expected a finite number "
+            f"> 0, got {lr!r} (a backbone option of your own: a `# @package _global_` file with `backbone:` and a "
+            "top-level `recipe: {lr: ...}`, as rewardlab/conf/backbone/*.yaml; or set optimizer.lr=...)"
         )
     return float(lr) * float(scale)
 

@@ -28,9 +28,11 @@ def one_line_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
         except InterpolationResolutionError as e:  # a `${...}` in the settings that does not resolve
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise
+            from rewardlab.redaction import redact
+
             lines = str(e).splitlines()
             where = next((x.split(":", 1)[1].strip() for x in lines if x.strip().startswith("full_key:")), "settings")
-            print(f"error: {where}: {lines[0].split('resolving interpolation: ')[-1]}", file=sys.stderr)
+            print(f"error: {where}: {redact(lines[0].split('resolving interpolation: ')[-1])}", file=sys.stderr)
             raise SystemExit(1) from None
         except (UserError, FileExistsError, FileNotFoundError) as e:
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:

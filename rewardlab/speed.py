@@ -1,9 +1,10 @@
 """Fast settings decided from the hardware and the model, measured once and remembered.
 
-- `trainer.precision=auto`: bf16 autocast (the head and the loss stay fp32) where the device has bf16
-  instructions (a GPU that supports it; a CPU with AVX512-BF16 or AMX-BF16) and a training step of this
-  backbone measured at least 5% faster in bf16 than in fp32; fp32 otherwise. Small models (the tiny
-  default: 64-wide matrices) run slower under autocast, whose casts then cost more than they save.
+- `trainer.precision=auto`: bf16 autocast (the head and the loss stay fp32) on a GPU that supports
+  it; on a CPU with AVX512-BF16 or AMX-BF16 where a training step of this backbone measured at least 5%
+  faster in bf16 than in fp32 (small models, like the tiny default's 64-wide matrices, run slower under
+  autocast, whose casts then cost more than they save); fp32 otherwise. A GPU is not probed: a short
+  step there is bound by kernel launches, not arithmetic, and would understate bf16 (4x at real sizes).
 - `backbone.attn_implementation=auto`: of eager and sdpa (transformers' default), the one a training
   step of this backbone measured faster on this device, by pass width: eager only where it is at least
   5% faster (on CPUs, short passes), sdpa from the width where it stops being so (long passes; it also
@@ -63,17 +64,53 @@ class Measurements:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def get(self, key: str, measure: Callable[[], Any]) -> tuple[Any, bool]:
-        """The value stored under `key`, else `measure()` (stored); and whether it was measured now."""
+    def get(self, key: str, measure: Callable[[], Any], valid: Callable[[Any], bool]) -> tuple[Any, bool]:
+        """The value stored under `key`, else `measure()` (stored); and whether it was measured now. A file
+        that is not such a JSON object, or a stored value `valid` rejects, is measured again (warned)."""
         full = f"{key} | torch {torch.__version__}"
         with self._locked():
-            known = json.loads(self.path.read_text()) if self.path.exists() else {}
-            if full in known:
+            known = self._read()
+            if full in known and valid(known[full]):
                 return known[full], False
+            if full in known:
+                log.warning("%s: the stored %r is not a measurement (%r); measuring again", self.path, key, known[full])
             value = measure()
             known[full] = value
-            self.path.write_text(json.dumps(known, indent=1, sort_keys=True))
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)  # atomic: a run killed while writing leaves the old file whole
             return value, True
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {}
+        try:
+            known = json.loads(self.path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            log.warning("%s: not a JSON file of measurements (%s); measuring again and replacing it", self.path, e)
+            return {}
+        if not isinstance(known, dict):
+            log.warning("%s: not a JSON object of measurements; measuring again and replacing it", self.path)
+            return {}
+        return known
+
+
+def _seconds_list(value: Any, count: int) -> bool:
+    """Whether `value` is `count` finite positive numbers of seconds."""
+    return (
+        isinstance(value, list)
+        and len(value) == count
+        and all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < float("inf") for t in value)
+    )
+
+
+def _attention_times(value: Any) -> bool:
+    """Whether `value` is {attention: {width: seconds}} for every attention and probe width."""
+    return isinstance(value, dict) and all(
+        isinstance(value.get(name), dict)
+        and _seconds_list([value[name].get(str(w)) for w in PROBE_WIDTHS], len(PROBE_WIDTHS))
+        for name in ATTENTIONS
+    )
 
 
 def _seconds(step: Callable[[], Any], repeats: int = 3) -> float:
@@ -168,7 +205,8 @@ def choose_speed(
     model: PreTrainedModel, accelerator: str, precision: str, attention: str | None, cache: Measurements
 ) -> tuple[str, str, int | None, str]:
     """(precision, attention implementation, eager_up_to, why) for the settings left `auto`: bf16 autocast
-    where the device has bf16 instructions and a training step ran at least `BF16_GAIN` faster with it;
+    on a GPU that supports it, and on a CPU with bf16 instructions where a training step ran at least
+    `BF16_GAIN` faster with it;
     eager attention for passes up to `eager_up_to` tokens wide and sdpa beyond (None: the one
     implementation for all widths), from `attention_plan` of a measured training step at each of
     `PROBE_WIDTHS`. The model is switched to the chosen attention."""
@@ -179,11 +217,13 @@ def choose_speed(
     if precision == "auto":
         bf16, why = bf16_capable(accelerator)
         precision = "bf16-mixed" if bf16 else "32-true"
-        if bf16:
+        if bf16 and accelerator == "cpu":
             current = model.config._attn_implementation
             key = f"bf16 over fp32 | {device_name(accelerator)} | {shape} | {current} | width {PRECISION_WIDTH}"
             runs = [(current, p, PRECISION_WIDTH) for p in ("32-true", "bf16-mixed")]
-            (fp32, half), fresh = cache.get(key, lambda: _interleaved(model, device, runs))
+            (fp32, half), fresh = cache.get(
+                key, lambda: _interleaved(model, device, runs), valid=lambda v: _seconds_list(v, 2)
+            )
             precision = "bf16-mixed" if fp32 >= BF16_GAIN * half else "32-true"
             why += (
                 f", and a training step of {type(model).__name__} ran {fp32 / half:.2f}x as fast in bf16 as in fp32 "
@@ -199,7 +239,7 @@ def choose_speed(
         medians = _interleaved(model, device, runs)
         return {name: {str(w): t for (n, _, w), t in zip(runs, medians) if n == name} for name in ATTENTIONS}
 
-    times, fresh = cache.get(key, measure)
+    times, fresh = cache.get(key, measure, valid=_attention_times)
     chosen, eager_up_to = attention_plan(times)
     model.set_attn_implementation(chosen)
     ratios = ", ".join(f"{w}: {times['sdpa'][w] / times['eager'][w]:.2f}x" for w in sorted(times["eager"], key=int))

@@ -236,14 +236,19 @@ def test_each_backbone_brings_its_learning_rate(overrides, lr):
     "override, says",
     [
         ("recipe.lr=abc", "error: optimizer.lr: recipe.lr: the optimizer's rate is the backbone's recipe rate times 1; "
-         "expected a number, got 'abc'"),
-        ("~recipe", "expected a number, got None (a backbone option of your own needs `recipe: {lr: ...}`"),
+         "expected a finite number > 0, got 'abc'"),
+        ("~recipe", "got None (a backbone option of your own: a `# @package _global_` file with `backbone:` and a "
+         "top-level `recipe: {lr: ...}`"),
+        ("recipe.lr=-1e-3", "error: optimizer.lr: recipe.lr: "),
+        ("recipe.lr=${oc.env:RL_TEST_SECRET_KEY}", "got '***'"),
         ("optimizer.lr=${nope}", "error: optimizer.lr: Interpolation key 'nope' not found"),
     ],
 )  # fmt: skip
 def test_a_learning_rate_that_does_not_resolve_is_one_line_naming_the_key(override, says, tmp_path):
     from .test_train import run_cli
 
-    done = run_cli(override, "logger=none", f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    secret = {"RL_TEST_SECRET_KEY": "hunter2-not-for-logs"}
+    done = run_cli(override, "logger=none", f"hydra.run.dir={tmp_path / 'run'}", env=secret, timeout=120)
+    assert "hunter2" not in done.stderr
     assert done.returncode == 1 and says in done.stderr.splitlines()[-1]
     assert "Traceback" not in done.stderr

@@ -147,3 +147,49 @@ def test_checkpointing_switches_on_only_for_batches_that_would_not_fit(make_cfg,
     plain = train(make_cfg("trainer.precision=32-true", "model.gradient_checkpointing=false", folder="off"))
     assert checkpointed["val/loss"] == pytest.approx(plain["val/loss"], abs=1e-5)  # the same math, less memory
     assert Path(tmp_path / "auto" / "results.json").exists()
+
+
+def test_on_a_gpu_bf16_is_chosen_by_support_without_a_probe(tmp_path, monkeypatch):
+    """A short step on a GPU is bound by kernel launches and would understate bf16 (4x at real sizes)."""
+    monkeypatch.setattr(speed.torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(speed, "device_name", lambda accelerator: "H100")
+    monkeypatch.setattr(speed, "_train_step_seconds", lambda *a: pytest.fail("probed on a GPU"))
+    model = tiny("llama", 32, 1, 2, 64, 128, 0.0).model
+    chosen, _, _, why = choose_speed(model, "gpu", "auto", "eager", Measurements(tmp_path / "s.json"))
+    assert chosen == "bf16-mixed" and why == "bf16-mixed: H100 supports bf16"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "",  # a run killed while writing (before writes were atomic)
+        '{"a": ',
+        "[1, 2]",
+        "\xff\xfe",
+        None,  # the entry: a list of 3, strings, zero, negative, NaN, infinity, booleans, null
+    ],
+)
+def test_a_speed_file_that_is_not_measurements_is_measured_again_never_trusted(content, tmp_path, monkeypatch, caplog):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags : avx512_bf16\n")
+    monkeypatch.setattr(speed, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else Path(p))
+    monkeypatch.setattr(speed, "_train_step_seconds", lambda m, d, precision, w: 0.5 if "bf16" in precision else 1.0)
+    path = tmp_path / "speed.json"
+    model = tiny("llama", 32, 1, 2, 64, 128, 0.0).model
+    if content is not None:
+        path.write_text(content, encoding="latin-1")
+        bad_entries = ["the whole file"]
+    else:
+        choose_speed(model, "cpu", "auto", "eager", Measurements(path))
+        (key,) = json.loads(path.read_text())
+        bad_entries = [[1, 2, 3], ["1", "0.5"], [0, 0.5], [-1.0, -0.5], [float("nan"), 1.0], [1e999, 0.5],
+                       [True, False], None]  # fmt: skip
+    for bad in bad_entries:
+        if bad != "the whole file":
+            path.write_text(json.dumps({key: bad}))
+        with caplog.at_level("WARNING"):
+            chosen, _, _, why = choose_speed(model, "cpu", "auto", "eager", Measurements(path))
+        assert chosen == "bf16-mixed" and "ran 2.00x as fast in bf16 as in fp32 (measured now" in why
+        assert str(path) in caplog.text and "measuring again" in caplog.text
+        assert list(json.loads(path.read_text()).values()) == [[1.0, 0.5]]  # replaced, whole
+        caplog.clear()
