@@ -17,29 +17,31 @@ class UserError(Exception):
     was expected. The classes of each step derive from it (DataError, ConfigError, ...)."""
 
 
+def _one_line(e: Exception) -> str:
+    """The message of a user error; for a `${...}` that does not resolve, `<key>: <why>` from OmegaConf's
+    several lines."""
+    if not isinstance(e, InterpolationResolutionError):
+        return str(e)
+    lines = str(e).splitlines()
+    where = next((x.split(":", 1)[1].strip() for x in lines if x.strip().startswith("full_key:")), "settings")
+    return f"{where}: {lines[0].split('resolving interpolation: ')[-1]}"
+
+
 def one_line_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """A command's task that, in a single run, ends on a `UserError` (or a missing or existing file)
-    with `error: <message>` and exit status 1; in a multirun the error is the job's, as Hydra reports it."""
+    """A command's task that, in a single run, ends on a `UserError` (or a missing or existing file, or a
+    `${...}` in the settings that does not resolve) with `error: <message>` and exit status 1; in a
+    multirun the error is the job's, as Hydra reports it."""
 
     @functools.wraps(task)
     def run(cfg: Any) -> Any:
         try:
             return task(cfg)
-        except InterpolationResolutionError as e:  # a `${...}` in the settings that does not resolve
+        except (UserError, FileExistsError, FileNotFoundError, InterpolationResolutionError) as e:
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise
             from rewardlab.redaction import redact
 
-            lines = str(e).splitlines()
-            where = next((x.split(":", 1)[1].strip() for x in lines if x.strip().startswith("full_key:")), "settings")
-            print(f"error: {where}: {redact(lines[0].split('resolving interpolation: ')[-1])}", file=sys.stderr)
-            raise SystemExit(1) from None
-        except (UserError, FileExistsError, FileNotFoundError) as e:
-            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-                raise
-            from rewardlab.redaction import redact
-
-            print(f"error: {redact(str(e))}", file=sys.stderr)
+            print(f"error: {redact(_one_line(e))}", file=sys.stderr)
             raise SystemExit(1) from None
 
     return run

@@ -14,7 +14,7 @@
 - `model.gradient_checkpointing=auto`: recompute activations only for a batch whose estimated
   activation memory would not fit in the memory free when training starts.
 
-The measurements take a few seconds and is remembered in `paths.speed_file` (per user and
+The measurements take a few seconds and are remembered in `paths.speed_file` (per user and
 machine, by default in ~/.cache/rewardlab/), keyed by the device, torch's version and the model's
 shape: once per machine and model, not per run or folder.
 """
