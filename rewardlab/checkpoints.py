@@ -12,6 +12,7 @@ command turns it on.
 from __future__ import annotations
 
 import logging
+import pickle
 import zipfile
 from collections.abc import Iterable
 from functools import cache
@@ -57,9 +58,7 @@ def known_targets() -> frozenset[str]:
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's contents (memory-mapped tensors), or an `UntrustedCheckpoint` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path: no such checkpoint file {str(path)!r} (a .ckpt file)")
+    path = checkpoint_file(path)
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             packed = [m.filename for m in archive.infolist() if m.compress_type != zipfile.ZIP_STORED]
@@ -70,13 +69,31 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: running the file's code
+        raise UntrustedCheckpoint(
+            f"{path}: not a rewardlab checkpoint: not a file of tensors and plain values only, and rewardlab "
+            "never unpickles anything else (that would run code the file names)"
+        ) from None
     except Exception as e:  # noqa: BLE001 - whatever torch says, the user hears which file and why
         raise UntrustedCheckpoint(
-            f"{path}: not a checkpoint torch can read safely ({type(e).__name__}: {str(e)[:200].partition(chr(10))[0]})"
+            f"{path}: not a checkpoint (torch cannot read it: {type(e).__name__}: "
+            f"{str(e)[:200].partition(chr(10))[0]}); expected a .ckpt file rewardlab wrote"
         ) from None
     if not isinstance(checkpoint, dict):
         raise UntrustedCheckpoint(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint")
     return checkpoint
+
+
+def checkpoint_file(path: str | Path, key: str = "ckpt_path") -> Path:
+    """`path` when it is a file; a folder gets a message listing the checkpoints in it."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(str(p) for p in path.rglob("*.ckpt") if p.is_file())[:20]
+        listing = ("; it holds " + ", ".join(found)) if found else "; it holds no .ckpt files"
+        raise UserError(f"{key}={path} is a folder, expected a checkpoint file{listing}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: no such checkpoint file {str(path)!r} (a .ckpt file)")
+    return path
 
 
 def stored_config(checkpoint: dict[str, Any], source: str) -> dict[str, Any]:

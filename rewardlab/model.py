@@ -26,7 +26,7 @@ from rewardlab.data.rows import DataError
 from rewardlab.features import FrozenTrunk, TrunkCache, open_trunk_cache
 from rewardlab.freeze import eval_frozen, modules_after_blocks
 from rewardlab.losses import Loss
-from rewardlab.metrics import PairMetrics
+from rewardlab.metrics import PairMetrics, PairOutcomes
 from rewardlab.shared_prompt import SharedBatch, as_kind, decide_sharing, mask_kind, pack
 from rewardlab.speed import ActivationEstimate, free_memory_bytes
 
@@ -133,6 +133,7 @@ class RewardModel(L.LightningModule):
         self.feature_cache_dir = Path(feature_cache_dir) if feature_cache_dir else None
         self.trunk_cache: TrunkCache | None = None
         self.train_metrics, self.val_metrics, self.test_metrics = PairMetrics(), PairMetrics(), PairMetrics()
+        self.test_outcomes = PairOutcomes()  # per pair, for the report's paired tests (`rewardlab.report`)
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # in checkpoints: a resumed run remembers the best so far
         self.skip_nonfinite, self.skipped_nonfinite = skip_nonfinite, 0
@@ -350,15 +351,19 @@ class RewardModel(L.LightningModule):
         self.log("train/acc_step", (chosen > rejected).float().mean(), prog_bar=True, batch_size=n, sync_dist=True)
         return loss
 
-    def _evaluate(self, batch: dict[str, Tensor], split: str) -> None:
+    def _evaluate(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
         loss, chosen, rejected = self._step(batch, split)
         self._metrics(split).update(chosen.detach(), rejected.detach(), loss.detach())
+        return chosen, rejected
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self.test_outcomes.update(batch["index"], *self._evaluate(batch, "test"))
+
+    def on_test_epoch_start(self) -> None:
+        self.test_outcomes.reset()
 
     def _log_epoch(self, split: str) -> dict[str, Tensor]:
         """Log the epoch's metrics (already reduced across devices by torchmetrics) and reset."""
@@ -397,10 +402,10 @@ class RewardModel(L.LightningModule):
             if not p.requires_grad:
                 continue
             (head if name.startswith("head.") else decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [
-            {"params": decay},
-            {"params": no_decay, "weight_decay": 0.0},
-            {"params": head, "lr": lr * self.head_lr_mult},
+        groups = [  # named: the learning-rate monitor logs lr/backbone, lr/backbone_no_decay, lr/head
+            {"params": decay, "name": "backbone"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "backbone_no_decay"},
+            {"params": head, "lr": lr * self.head_lr_mult, "name": "head"},
         ]
         return [g for g in groups if g["params"]]
 
@@ -428,7 +433,7 @@ class RewardModel(L.LightningModule):
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Carry the run's resolved config, so eval/export rebuild the model from the checkpoint alone,

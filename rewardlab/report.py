@@ -1,9 +1,12 @@
-"""Compare the jobs of a multirun: `python -m rewardlab.report <multirun folder>` (`rewardlab-report`).
+"""Compare the jobs of a multirun: `python -m rewardlab.report <multirun folder> [logger=wandb]`
+(`rewardlab-report`).
 
-Reads each job's `.hydra/overrides.yaml` and `results.json`, finds the options that vary across
-jobs, prints one row per job and writes `report.md`, `report.csv` and `report.png` (accuracy
-against trainable parameters and against wall time) into the folder. A job without
-`results.json` is a failed row, with the last error line of its log, never a silent gap.
+Jobs are grouped by every override that varies across the sweep except `seed`; each group gets its
+number of seeds, the mean and 95% CI of the held-out accuracy (test, else val best) and of the loss,
+wall time and speed, and a paired comparison with the best group on the same test pairs (see
+`rewardlab.stats`). Writes `report.md`, `report.csv` (one row of plain numbers per group),
+`report.json` and `report.png` into the folder. A job without `results.json` counts as failed, with
+the last error line of its log, never a silent gap.
 """
 
 from __future__ import annotations
@@ -14,28 +17,46 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import yaml
 
-COLUMNS = [
-    ("val/acc_best", "val acc best", "{:.4f}"),
-    ("test/acc", "test acc", "{:.4f}"),
-    ("params/trainable", "trainable params", "{:,.0f}"),
-    ("wall_s", "wall s", "{:.1f}"),
-    ("train/pairs_per_s", "pairs/s", "{:.1f}"),
-]
+from rewardlab.stats import Paired, mean_ci, paired_bootstrap
+
+SEED = "seed"
+METRICS = ("acc", "loss", "wall_s", "pairs_per_s", "trainable")  # per group: mean and 95% CI over seeds
+
+
+def headline(acc_key: str) -> dict[str, str]:
+    """The results.json key of each headline metric: held-out means test when the jobs were tested."""
+    tested = acc_key == "test/acc"
+    return {"acc": acc_key, "loss": "test/loss" if tested else "val/loss", "wall_s": "wall_s",
+            "pairs_per_s": "train/pairs_per_s", "trainable": "params/trainable"}  # fmt: skip
+
+
+class ReportError(ValueError):
+    """A sweep folder the report cannot read as it is (the message names the file)."""
 
 
 @dataclass
 class Job:
     folder: Path
     overrides: dict[str, str]
-    results: dict[str, float] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
     error: str = ""
 
     @property
     def ok(self) -> bool:
         return bool(self.results)
+
+    @property
+    def seed(self) -> str:
+        return self.overrides.get(SEED, "default")
+
+    def value(self, key: str) -> float:
+        v = self.results.get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 
 def _last_error(folder: Path) -> str:
@@ -52,12 +73,21 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
     jobs = []
     for path in sorted(sweep_dir.rglob(".hydra/overrides.yaml"), key=lambda p: _job_order(p.parent.parent, sweep_dir)):
         folder = path.parent.parent
-        overrides = dict(o.split("=", 1) if "=" in o else (o, "") for o in yaml.safe_load(path.read_text()) or [])
+        listed = yaml.safe_load(path.read_text()) or []
+        if not isinstance(listed, list) or not all(isinstance(o, str) for o in listed):
+            raise ReportError(f"{path}: expected a list of key=value overrides, as Hydra writes")
+        overrides = dict(o.split("=", 1) if "=" in o else (o, "") for o in listed)
         results_file = folder / "results.json"
-        if results_file.exists():
-            jobs.append(Job(folder, overrides, json.loads(results_file.read_text())))
-        else:
+        if not results_file.exists():
             jobs.append(Job(folder, overrides, error=_last_error(folder)))
+            continue
+        try:
+            results = json.loads(results_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ReportError(f"{results_file}: not JSON ({e})") from None
+        if not isinstance(results, dict) or not results:
+            raise ReportError(f"{results_file}: expected a JSON object of results")
+        jobs.append(Job(folder, overrides, results))
     return jobs
 
 
@@ -73,15 +103,98 @@ def varied(jobs: list[Job]) -> list[str]:
     return [k for k in keys if len({job.overrides.get(k) for job in jobs}) > 1]
 
 
-def table(jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
-    keys = varied(jobs)
-    header = ["job", *keys, "status", *(title for _, title, _ in COLUMNS)]
-    rows = []
+def read_test_pairs(job: Job) -> dict[int, int]:
+    """A job's `test_pairs.csv` (written by training): test row → 1 if the chosen response won."""
+    path = job.folder / str(job.results.get("test/pairs_file", "test_pairs.csv"))
+    if path.parent != job.folder or not path.is_file():
+        return {}
+    outcomes = {}
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        if next(reader, None) != ["row", "correct", "margin"]:
+            raise ReportError(f"{path}:1: expected the header row,correct,margin")
+        for line, fields in enumerate(reader, start=2):
+            if len(fields) != 3 or not fields[0].isdigit() or fields[1] not in ("0", "1"):
+                raise ReportError(f"{path}:{line}: expected a row number, 0 or 1, and a margin; got {fields}")
+            outcomes[int(fields[0])] = int(fields[1])
+    return outcomes
+
+
+@dataclass
+class Group:
+    overrides: dict[str, str]
+    jobs: list[Job]
+    stats: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # metric -> mean, low, high
+    vs_best: Paired | None = None
+    why_no_test: str = ""
+
+    @property
+    def ok(self) -> list[Job]:
+        return [j for j in self.jobs if j.ok]
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.overrides.items()) or "all jobs"
+
+
+def group_jobs(jobs: list[Job], acc_key: str = "test/acc") -> list[Group]:
+    """One group per combination of the varying overrides other than `seed`, in first-job order."""
+    keys = [k for k in varied(jobs) if k != SEED]
+    groups: dict[tuple, Group] = {}
     for job in jobs:
-        values = [fmt.format(job.results[k]) if k in job.results else "" for k, _, fmt in COLUMNS]
-        status = "ok" if job.ok else f"failed: {job.error}"
-        rows.append([job.folder.name, *(job.overrides.get(k, "") for k in keys), status, *values])
-    return header, rows
+        key = tuple(job.overrides.get(k, "") for k in keys)
+        groups.setdefault(key, Group(dict(zip(keys, key)), [])).jobs.append(job)
+    for group in groups.values():
+        group.stats = {m: mean_ci([j.value(key) for j in group.ok]) for m, key in headline(acc_key).items()}
+    return list(groups.values())
+
+
+def compare(group: Group, best: Group) -> tuple[Paired | None, str]:
+    """The paired test of `group` against `best` on the test pairs every job of both was scored on."""
+    jobs = group.ok + best.ok
+    if group is best or not group.ok:
+        return None, ""
+    hashes = {j.results.get("test/data_hash") for j in jobs}
+    if None in hashes or len(hashes) > 1:
+        return None, "no paired test: the jobs were not all tested on the same test data"
+    outcomes = [read_test_pairs(j) for j in jobs]
+    shared = sorted(set.intersection(*(set(o) for o in outcomes)))
+    if not shared:
+        return None, "no paired test: no test pairs every job was scored on (test_pairs.csv)"
+    matrix = np.array([[o[r] for r in shared] for o in outcomes], dtype=float)
+    a, b = matrix[: len(group.ok)], matrix[len(group.ok) :]
+    seeds_a, seeds_b = [j.seed for j in group.ok], [j.seed for j in best.ok]
+    paired = sorted(seeds_a) == sorted(seeds_b) and len(set(seeds_a)) == len(seeds_a)
+    if paired:
+        a, b = a[np.argsort(seeds_a)], b[np.argsort(seeds_b)]
+    return paired_bootstrap(a, b, seeds_paired=paired), ""
+
+
+def summarize(jobs: list[Job]) -> tuple[str, list[Group]]:
+    """The accuracy key used (test/acc when every finished job has it, else val/acc_best), and the groups
+    with their paired comparison against the best one."""
+    finished = [j for j in jobs if j.ok]
+    metric = "test/acc" if finished and all("test/acc" in j.results for j in finished) else "val/acc_best"
+    groups = group_jobs(jobs, metric)
+    ranked = [g for g in groups if g.ok and math.isfinite(g.stats["acc"][0])]
+    if ranked:
+        best = max(ranked, key=lambda g: g.stats["acc"][0])
+        for group in groups:
+            group.vs_best, group.why_no_test = compare(group, best) if metric == "test/acc" else (None, "no test split")
+    return metric, groups
+
+
+def _num(value: float, digits: int = 4) -> str:
+    return "" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def _interval(stat: tuple[float, float, float], digits: int = 3) -> str:
+    mean, low, high = stat
+    if not math.isfinite(mean):
+        return ""
+    if not math.isfinite(low):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -90,56 +203,115 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(jobs: list[Job], path: Path) -> None:
-    """Accuracy against trainable parameters (log scale) and against wall time, one marker per job."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = varied(jobs) or ["job"]
-    ok = [j for j in jobs if j.ok]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    markers = "osD^vP*Xh<>p"
-    for i, job in enumerate(ok):
-        label = ", ".join(f"{k}={job.overrides.get(k, '')}" for k in keys) if keys != ["job"] else job.folder.name
-        acc = job.results.get("test/acc", job.results.get("val/acc_best", math.nan))
-        for ax, x in zip(axes, (job.results["params/trainable"], job.results["wall_s"])):
-            ax.scatter(x, acc, marker=markers[i % len(markers)], s=70, label=label)
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("trainable parameters")
-    axes[1].set_xlabel("wall time (s)")
-    for ax in axes:
-        ax.set_ylabel("held-out accuracy (test, else val best)")
-        ax.grid(alpha=0.3)
-    failed = len(jobs) - len(ok)
-    fig.suptitle(f"{path.parent.name}: {len(ok)} jobs" + (f", {failed} failed" if failed else ""))
-    axes[1].legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def group_table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
+    keys = list(groups[0].overrides) if groups else []
+    header = [*keys, "seeds", "failed", "acc (95% CI)", "Δ vs best, points (95% CI)", "p vs best", "loss",
+              "wall s", "pairs/s", "trainable params"]  # fmt: skip
+    rows = []
+    for g in groups:
+        d = g.vs_best
+        if d is not None:
+            diff = f"{d.diff * 100:+.1f} [{d.ci_low * 100:+.1f}, {d.ci_high * 100:+.1f}]"
+            p = f"{d.p:.2g}"
+        else:
+            diff, p = ("best", "") if not g.why_no_test and g.ok else ("", g.why_no_test)
+        trainable = f"{g.stats['trainable'][0]:,.0f}" if g.ok else ""
+        rows.append([*g.overrides.values(), str(len(g.ok)), str(len(g.jobs) - len(g.ok)), _interval(g.stats["acc"]),
+                     diff, p, _interval(g.stats["loss"]), _interval(g.stats["wall_s"], 1),
+                     _interval(g.stats["pairs_per_s"], 1), trainable])  # fmt: skip
+    return header, rows
 
 
-def report(sweep_dir: Path) -> str:
-    """Write report.md, report.csv and report.png into `sweep_dir`; return the markdown table."""
+def job_table(jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
+    keys = varied(jobs)
+    header = ["job", *keys, "status", "val acc best", "test acc", "wall s"]
+    rows = []
+    for job in jobs:
+        status = "ok" if job.ok else f"failed: {job.error}"
+        values = [_num(job.results.get(k, math.nan)) for k in ("val/acc_best", "test/acc", "wall_s")]
+        rows.append([job.folder.name, *(job.overrides.get(k, "") for k in keys), status, *values])
+    return header, rows
+
+
+def as_json(metric: str, groups: list[Group]) -> dict[str, Any]:
+    def number(x: float) -> float | None:
+        return x if x is not None and math.isfinite(x) else None
+
+    out = []
+    for g in groups:
+        mean, low, high = g.stats["acc"]
+        d = g.vs_best
+        out.append({
+            "overrides": g.overrides, "n": len(g.ok), "failed": len(g.jobs) - len(g.ok),
+            "mean": number(mean), "ci_low": number(low), "ci_high": number(high),
+            "diff_vs_best": number(d.diff) if d else (0.0 if g.ok and not g.why_no_test else None),
+            "diff_ci_low": number(d.ci_low) if d else None, "diff_ci_high": number(d.ci_high) if d else None,
+            "p_vs_best": number(d.p) if d else None, "paired_pairs": d.pairs if d else None,
+            "note": g.why_no_test or None,
+            "metrics": {m: dict(zip(("mean", "ci_low", "ci_high"), map(number, s))) for m, s in g.stats.items()},
+            "jobs": [{"folder": j.folder.name, "seed": j.seed, "ok": j.ok, "error": j.error or None,
+                      "acc": number(j.value(metric))} for j in g.jobs],
+        })  # fmt: skip
+    return {"metric": metric, "test": "paired bootstrap over test pairs and seeds (rewardlab.stats)", "groups": out}
+
+
+def write_csv(path: Path, groups: list[Group]) -> None:
+    keys = list(groups[0].overrides) if groups else []
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow([*keys, "n", "failed", *(f"{m}_{s}" for m in METRICS for s in ("mean", "ci_low", "ci_high")),
+                      "diff_vs_best", "diff_ci_low", "diff_ci_high", "p_vs_best"])  # fmt: skip
+        for g in groups:
+            d = g.vs_best
+            paired = [d.diff, d.ci_low, d.ci_high, d.p] if d else [math.nan] * 4
+            values = [v for m in METRICS for v in g.stats[m]] + paired
+            out.writerow([*g.overrides.values(), len(g.ok), len(g.jobs) - len(g.ok),
+                          *("" if not math.isfinite(v) else repr(float(v)) for v in values)])  # fmt: skip
+
+
+def report(sweep_dir: Path, logger: str = "none") -> str:
+    """Write report.md, report.csv, report.json and report.png into `sweep_dir`; return the markdown."""
+    from rewardlab.report_plot import plot
+
     jobs = load_jobs(sweep_dir)
     if not jobs:
-        raise FileNotFoundError(f"{sweep_dir}: no job folders (with .hydra/overrides.yaml) found")
-    header, rows = table(jobs)
-    text = markdown(header, rows)
-    (sweep_dir / "report.md").write_text(f"# {sweep_dir.name}\n\n{text}")
-    with open(sweep_dir / "report.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    plot(jobs, sweep_dir / "report.png")
+        raise ReportError(f"{sweep_dir}: no job folders (with .hydra/overrides.yaml) found")
+    metric, groups = summarize(jobs)
+    seeds = sorted({len(g.ok) for g in groups if g.ok}) or [0]
+    text = (
+        f"Held-out accuracy: `{metric}`, mean over seeds with its 95% CI (Student's t); Δ and p: paired bootstrap "
+        f"against the best group over the test pairs and seeds ({len(jobs)} jobs, {'/'.join(map(str, seeds))} "
+        "finished seeds per group).\n\n" + markdown(*group_table(groups))
+    )
+    (sweep_dir / "report.md").write_text(f"# {sweep_dir.name}\n\n{text}\n## Jobs\n\n{markdown(*job_table(jobs))}")
+    write_csv(sweep_dir / "report.csv", groups)
+    summary = as_json(metric, groups)
+    (sweep_dir / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(metric, groups, sweep_dir / "report.png")
+    if logger == "wandb":
+        from rewardlab.report_plot import log_to_wandb
+
+        log_to_wandb(sweep_dir, summary, *group_table(groups))
     return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path, help="a multirun folder (hydra.sweep.dir)")
+    parser.add_argument("settings", nargs="*", help="logger=wandb: also log the table and plot to a wandb run")
     args = parser.parse_args()
-    print(report(args.sweep_dir), end="")
-    print(f"\nwrote {args.sweep_dir / 'report.md'}, report.csv, report.png")
+    logger = "none"
+    for setting in args.settings:
+        key, _, value = setting.partition("=")
+        if key != "logger" or value not in ("none", "wandb"):
+            parser.error(f"unknown setting {setting!r}; expected logger=wandb or logger=none")
+        logger = value
+    try:
+        text = report(args.sweep_dir, logger)
+    except ReportError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(text, end="")
+    print(f"\nwrote {args.sweep_dir / 'report.md'}, report.csv, report.json, report.png")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ split's pairs, and closing loggers. `train`, `eval` and `export` are thin comman
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,22 @@ def check_own_data(data: DictConfig, tested: bool = True) -> None:
             )
 
 
+# Lightning's lines about settings rewardlab's conf/ sets to their defaults, and its advertising: not news.
+LIGHTNING_NOISE = ("💡 Tip:", "was configured so", "Loading `train_dataloader` to estimate")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in LIGHTNING_NOISE)
+
+
 def build_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
+    """The configured Trainer, without Lightning's log lines about defaults and without its own
+    deprecated pytree call's warning (Lightning's, not the user's to fix)."""
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropNoise) for f in quiet.filters):
+        quiet.addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     return instantiate(cfg.trainer, **kwargs)
 
 

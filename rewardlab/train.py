@@ -6,16 +6,20 @@ split exists, and writes `results.json` into the run folder. Console script: `re
 
 from __future__ import annotations
 
+import csv
 import gc
 import json
 import logging
+import os
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
@@ -24,11 +28,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from rewardlab.callbacks import Throughput
-from rewardlab.checkpoints import UntrustedCheckpoint, read_checkpoint, stored_config
+from rewardlab.checkpoints import UntrustedCheckpoint, checkpoint_file, read_checkpoint, stored_config
 from rewardlab.checks import ConfigError
 from rewardlab.data.module import PreferenceDataModule
+from rewardlab.data.sources import fingerprint_source
 from rewardlab.errors import UserError, one_line_errors
 from rewardlab.model import RewardModel
+from rewardlab.progress import duration
 from rewardlab.redaction import redact
 from rewardlab.run import build, build_trainer, finish_loggers
 from rewardlab.runfolder import claimed
@@ -63,9 +69,7 @@ def resume_path(cfg: DictConfig) -> str | None:
         newest = max(found, key=lambda p: p.stat().st_mtime)
         log.info("ckpt_path=last: resuming from %s", newest)
         return str(newest)
-    if not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path: no such checkpoint {cfg.ckpt_path!r} (a .ckpt file, or `last`)")
-    return str(cfg.ckpt_path)
+    return str(checkpoint_file(cfg.ckpt_path))
 
 
 # Settings a resumed run may change without asking: where files go and how fast it runs, not what it learns.
@@ -154,14 +158,47 @@ def fit_and_test(
         model.apply_settings_on_resume = True
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     results: dict[str, Any] = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best and Path(best).is_file() and trainer.is_global_zero:
+        results["best_checkpoint"] = str(link_best(Path(best)))
     if cfg.test and datamodule.has_test():
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if Path(best).is_file():  # memory-mapped: the weights are read, the optimizer state never is
             model.load_state_dict(torch.load(best, map_location="cpu", mmap=True, weights_only=True)["state_dict"])
         trainer.test(model, datamodule=datamodule, ckpt_path=best if best and not Path(best).is_file() else None)
         results |= {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         results["test/checkpoint"] = best or "final weights"
+        index, margin = model.test_outcomes.compute()  # on every rank: it gathers
+        if trainer.is_global_zero:
+            results |= write_test_pairs(Path(cfg.paths.output_dir), datamodule, index.numpy(), margin.numpy())
     return results
+
+
+def link_best(best: Path) -> Path:
+    """`checkpoints/best.ckpt`, a relative link to the best checkpoint (a copy where links are not
+    allowed), so commands can name it without listing the folder; replaced atomically."""
+    link = best.parent / "best.ckpt"
+    if best == link:
+        return link
+    tmp = best.parent / f".best.ckpt.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        tmp.symlink_to(best.name)
+    except OSError:
+        shutil.copyfile(best, tmp)
+    os.replace(tmp, link)
+    return link
+
+
+def write_test_pairs(folder: Path, datamodule: PreferenceDataModule, index: np.ndarray, margin: np.ndarray) -> dict:
+    """`test_pairs.csv`: each test pair's row (1-based, in reading order), whether the chosen response
+    scored strictly higher, and the margin; with the test data's content hash, so `rewardlab.report`
+    compares runs pair by pair only when they were scored on the same pairs."""
+    rows = datamodule.datasets["test"].row[index] + 1
+    with open(folder / "test_pairs.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["row", "correct", "margin"])
+        out.writerows(zip(rows.tolist(), (margin > 0).astype(int).tolist(), margin.tolist()))
+    return {"test/pairs_file": "test_pairs.csv", "test/data_hash": fingerprint_source(datamodule.files["test"], "test")}
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -217,7 +254,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
                 lg.log_metrics(numbers, step=trainer.global_step)
             path = Path(cfg.paths.output_dir) / "results.json"
             path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-            log.info("results: %s", path)
+            log.info("%s", summary_line(results, path))
     except SIGTERMException:
         log.warning(
             "stopped by SIGTERM; resume with ckpt_path=%s (or ckpt_path=last with hydra.run.dir=%s)",
@@ -233,6 +270,19 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         raise
     finish_loggers(loggers, exit_code=0)
     return results
+
+
+def summary_line(results: dict[str, Any], path: Path) -> str:
+    """The end of a run in one line, before the loggers' own summaries."""
+
+    def number(key: str) -> str:
+        value = results.get(key)
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+    return (
+        f"done in {duration(results['wall_s'])}: val/acc_best {number('val/acc_best')}, test/acc {number('test/acc')}; "
+        f"best checkpoint {results.get('best_checkpoint', 'none')}; results {path}"
+    )
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -208,7 +208,7 @@ def test_optuna_search_composes_and_maximises_val_acc_best():
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["hparams_search=optuna"], return_hydra_config=True)
     assert cfg.optimized_metric == "val/acc_best" and cfg.hydra.sweeper.direction == "maximize"
-    assert "optimizer.lr" in cfg.hydra.sweeper.params and str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert "recipe.lr_scale" in cfg.hydra.sweeper.params and str(cfg.hydra.mode) == "RunMode.MULTIRUN"
 
 
 @pytest.mark.parametrize(
@@ -222,6 +222,8 @@ def test_optuna_search_composes_and_maximises_val_acc_best():
         (["backbone=minilm", "optimizer=lion"], 0.15 * 2e-5),
         (["backbone=minilm", "optimizer.lr=1e-4"], 1e-4),  # the command line wins
         (["backbone=minilm", "experiment=freeze_ablation"], 1e-4),  # and so does a preset
+        (["backbone=minilm", "recipe.lr_scale=4"], 8e-5),  # experiment=lr_sweep and optuna scale the recipe
+        (["backbone=tiny", "optimizer=sgd", "recipe.lr_scale=0.5"], 25 * 2e-3 / 2),
     ],
 )
 def test_each_backbone_brings_its_learning_rate(overrides, lr):
@@ -232,6 +234,19 @@ def test_each_backbone_brings_its_learning_rate(overrides, lr):
     assert cfg.optimizer.lr == pytest.approx(lr, rel=1e-9)
 
 
+def test_the_recipe_sets_head_rate_and_warmup_unless_set_directly():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["backbone=minilm", "recipe.head_lr_mult=3", "recipe.warmup=0.1"])
+        assert cfg.model.head_lr_mult == 3 and cfg.scheduler.warmup == 0.1
+        cfg = compose("train", overrides=["recipe.head_lr_mult=3", "model.head_lr_mult=2", "scheduler.warmup=7"])
+        assert cfg.model.head_lr_mult == 2 and cfg.scheduler.warmup == 7
+        for backbone in ("tiny", "minilm", "smollm2_135m", "hf"):  # every packaged recipe is complete
+            recipe = compose("train", overrides=[f"backbone={backbone}"]).recipe
+            assert set(recipe) == {"lr", "lr_scale", "head_lr_mult", "warmup"} and recipe.lr_scale == 1.0
+
+
 @pytest.mark.parametrize(
     "override, says",
     [
@@ -240,6 +255,7 @@ def test_each_backbone_brings_its_learning_rate(overrides, lr):
         ("~recipe", "got None (a backbone option of your own: a `# @package _global_` file with `backbone:` and a "
          "top-level `recipe: {lr: ...}`"),
         ("recipe.lr=-1e-3", "error: optimizer.lr: recipe.lr: "),
+        ("recipe.lr_scale=0", "error: optimizer.lr: recipe.lr_scale: expected a finite number > 0"),
         ("recipe.lr=${oc.env:RL_TEST_SECRET_KEY}", "got '***'"),
         ("optimizer.lr=${nope}", "error: optimizer.lr: Interpolation key 'nope' not found"),
     ],

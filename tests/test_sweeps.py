@@ -51,17 +51,24 @@ def test_freeze_sweep_gives_one_run_per_option_and_a_report(tmp_path, cache_dir)
         assert config["logger"]["wandb"]["group"] == "${rl_sweep_group:}"
         debug = next(job.folder.glob("wandb/offline-run-*/logs/debug.log")).read_text()
         assert "'group': 'sweep'" in debug and f"freeze={job.overrides['freeze']}" in debug
+        assert f"'job_type': 'freeze={job.overrides['freeze']}'" in debug  # the swept key only
         assert "got exitcode: 0" in debug
 
+    for job in jobs:  # each job's per-pair test outcomes, for the report's paired tests
+        outcomes = list(csv.DictReader(open(job.folder / "test_pairs.csv")))
+        assert len({o["row"] for o in outcomes}) == len(outcomes) > 0
+        assert sum(int(o["correct"]) for o in outcomes) / len(outcomes) == pytest.approx(job.results["test/acc"])
     text = report(sweep)
-    assert text.splitlines()[0].startswith("| job | freeze | status | val acc best | test acc |")
-    assert len(text.splitlines()) == 2 + 4 and all("| ok |" in line for line in text.splitlines()[2:])
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| freeze | seeds | failed | acc (95% CI) | Δ vs best, points (95% CI) | p vs best |")
+    assert [line.split(" | ")[1:3] for line in table[2:]] == [["1", "0"]] * 4  # one seed each, none failed
     rows = list(csv.DictReader(open(sweep / "report.csv")))
     assert [r["freeze"] for r in rows] == ["full", "last_n", "head_only", "lora"]
+    assert all(r["p_vs_best"] or float(r["acc_mean"]) == max(float(x["acc_mean"]) for x in rows) for r in rows)
     assert (sweep / "report.md").exists() and (sweep / "report.png").stat().st_size > 10_000
 
     cli = run_cli(str(sweep), module="rewardlab.report")
-    assert cli.returncode == 0 and "| 2 | head_only | ok |" in cli.stdout
+    assert cli.returncode == 0 and "| head_only | 1 | 0 |" in cli.stdout
 
 
 def test_failed_jobs_are_failed_rows_not_gaps(tmp_path, cache_dir):
@@ -76,8 +83,9 @@ def test_failed_jobs_are_failed_rows_not_gaps(tmp_path, cache_dir):
     )
     assert done.returncode != 0  # bitfit cannot apply to the bias-free tiny Llama
     text = report(sweep)
-    assert "| 0 | head_only | ok |" in text
-    assert "| 1 | bitfit | failed: " in text and "no bias parameters" in text
+    assert "| head_only | 1 | 0 |" in text and "| bitfit | 0 | 1 |" in text
+    jobs = (sweep / "report.md").read_text().split("## Jobs")[1]
+    assert "| 0 | head_only | ok |" in jobs and "| 1 | bitfit | failed: " in jobs and "no bias parameters" in jobs
 
 
 def test_ddp_on_two_cpu_processes(tmp_path, cache_dir):

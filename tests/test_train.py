@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from rewardlab import synthetic
+from rewardlab.data.sources import fingerprint_source
 from rewardlab.train import train
 
 from .conftest import ROOT
@@ -61,6 +62,13 @@ def test_tiny_model_learns_a_task_to_high_held_out_accuracy(make_cfg, tmp_path):
     results = train(cfg)
     assert results["val/acc_best"] >= 0.80 and results["test/acc"] >= 0.80
     assert results["train/loss"] < 0.5 < 0.6931  # well below ln 2, the loss of a model that learned nothing
+    outcomes = (Path(cfg.paths.output_dir) / "test_pairs.csv").read_text().splitlines()
+    assert outcomes[0] == "row,correct,margin" and len(outcomes) == 1 + 300  # every test pair, once, by file row
+    rows = [line.split(",") for line in outcomes[1:]]
+    assert [int(r[0]) for r in rows] == list(range(1, 301))
+    assert sum(int(r[1]) for r in rows) / 300 == pytest.approx(results["test/acc"], abs=1e-6)
+    assert all(int(r[1]) == (float(r[2]) > 0) for r in rows)
+    assert results["test/data_hash"] == fingerprint_source(f"{tmp_path}/d/test.jsonl", "test")
 
 
 def test_run_writes_results_and_checkpoints_and_resumes(tmp_path, cache_dir):

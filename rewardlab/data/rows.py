@@ -277,10 +277,13 @@ def _check(row: Any, where: str, schema: str, c: dict[str, str], why: str) -> Pa
             row,
         )
     needed = ("prompt", "chosen", "rejected") if schema == "explicit" else ("chosen", "rejected")
-    for key in needed:
-        if c[key] not in row:
-            why = why or f"a {schema} row needs {[c[k] for k in needed]}"
-            return BadRow(where, c[key], "missing_field", f"missing field {c[key]!r} ({why})", row)
+    missing = [k for k in needed if c[k] not in row]
+    if missing:
+        why = why or f"an {schema} row needs {[c[k] for k in needed]}"
+        has = ", ".join(repr(str(k)) for k in list(row)[:20]) or "none"
+        mapping = " ".join(f"data.columns.{k}=<your column>" for k in missing)
+        reason = f"missing field {c[missing[0]]!r} ({why}); this row's fields are {has}: map yours with {mapping}"
+        return BadRow(where, c[missing[0]], "missing_field", reason, row)
     if schema == "implicit" and c["prompt"] in row:
         return BadRow(
             where,
