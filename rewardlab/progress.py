@@ -77,7 +77,7 @@ class PlainProgress(ProgressBar):
         now = time.perf_counter()
         total = trainer.estimated_stepping_batches
         last = trainer.global_step >= total or trainer.should_stop
-        if (now - self._span_started < self.interval_s and not last) or not self.enabled:
+        if (now - self._span_started < self.interval_s and not last) or not self.enabled or not trainer.is_global_zero:
             return
         done = trainer.global_step - self._first_step
         left = (now - self._started) / max(done, 1) * max(total - trainer.global_step, 0)

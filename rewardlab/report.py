@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import yaml
@@ -25,6 +30,7 @@ import yaml
 from rewardlab.stats import Paired, mean_ci, paired_bootstrap
 
 SEED = "seed"
+UNSET = "(unset)"  # a key a job's command line did not set
 METRICS = ("acc", "loss", "wall_s", "pairs_per_s", "trainable")  # per group: mean and 95% CI over seeds
 
 
@@ -52,28 +58,43 @@ class Job:
 
     @property
     def seed(self) -> str:
-        return self.overrides.get(SEED, "default")
+        return next((v for k, v in self.overrides.items() if is_seed(k)), "default")
 
     def value(self, key: str) -> float:
+        """A result as a finite float, NaN when missing or not a number (a string, a bool, 10**400)."""
         v = self.results.get(key)
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return math.nan
+        try:
+            x = float(v)
+        except OverflowError:
+            return math.nan
+        return x if math.isfinite(x) else math.nan
+
+
+def is_seed(key: str) -> bool:
+    return key.lstrip("+~") == SEED
+
+
+ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b|\berror:|\[ERROR\]")
 
 
 def _last_error(folder: Path) -> str:
-    for log in sorted(folder.glob("*.log")):
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-        errors = [ln for ln in lines if "Error" in ln or "error" in ln or "Exception" in ln]
-        if errors:
-            return errors[-1][-200:]
-    return "no results.json (the job failed or is still running)"
+    """The last line that reports an error (`...Error`, `...Exception`, `error:`, `[ERROR]`) in the job's logs."""
+    errors = []
+    for log in sorted(p for p in folder.glob("*.log") if p.is_file() and not p.is_symlink()):
+        errors += [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ERROR_LINE.search(ln)]
+    return errors[-1][-200:] if errors else "no results.json (the job failed or is still running)"
 
 
 def load_jobs(sweep_dir: Path) -> list[Job]:
     """Every job folder (one holding `.hydra/overrides.yaml`) under `sweep_dir`, in job order."""
+    if not sweep_dir.is_dir():
+        raise ReportError(f"{sweep_dir}: no such folder (a multirun folder, hydra.sweep.dir)")
     jobs = []
     for path in sorted(sweep_dir.rglob(".hydra/overrides.yaml"), key=lambda p: _job_order(p.parent.parent, sweep_dir)):
         folder = path.parent.parent
-        listed = yaml.safe_load(path.read_text()) or []
+        listed = _read(path, lambda text: yaml.safe_load(text) or [])
         if not isinstance(listed, list) or not all(isinstance(o, str) for o in listed):
             raise ReportError(f"{path}: expected a list of key=value overrides, as Hydra writes")
         overrides = dict(o.split("=", 1) if "=" in o else (o, "") for o in listed)
@@ -81,18 +102,24 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
         if not results_file.exists():
             jobs.append(Job(folder, overrides, error=_last_error(folder)))
             continue
-        try:
-            results = json.loads(results_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ReportError(f"{results_file}: not JSON ({e})") from None
+        results = _read(results_file, json.loads)
         if not isinstance(results, dict) or not results:
             raise ReportError(f"{results_file}: expected a JSON object of results")
         jobs.append(Job(folder, overrides, results))
     return jobs
 
 
+def _read(path: Path, parse: Any) -> Any:
+    """`parse` of a file's UTF-8 text, or a `ReportError` naming the file and what is wrong with it."""
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        raise ReportError(f"{path}: cannot be read as {path.suffix[1:]} ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def _job_order(folder: Path, root: Path) -> tuple:
-    return tuple(int(p) if p.isdigit() else math.inf for p in folder.relative_to(root).parts) + (str(folder),)
+    """Numeric folder names in numeric order, before other names (Hydra numbers a sweep's jobs)."""
+    return tuple((0, int(p), "") if p.isascii() and p.isdigit() else (1, 0, p) for p in folder.relative_to(root).parts)
 
 
 def varied(jobs: list[Job]) -> list[str]:
@@ -104,20 +131,41 @@ def varied(jobs: list[Job]) -> list[str]:
 
 
 def read_test_pairs(job: Job) -> dict[int, int]:
-    """A job's `test_pairs.csv` (written by training): test row → 1 if the chosen response won."""
-    path = job.folder / str(job.results.get("test/pairs_file", "test_pairs.csv"))
-    if path.parent != job.folder or not path.is_file():
+    """A job's `test_pairs.csv` (written by training): test row → 1 if the chosen response won. Checked:
+    inside the job folder, no row twice, and its accuracy is the job's `test/acc`."""
+    name = job.results.get("test/pairs_file", "test_pairs.csv")
+    path = job.folder / str(name)
+    if path.parent != job.folder or path.is_symlink() or not path.is_file():
         return {}
-    outcomes = {}
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        if next(reader, None) != ["row", "correct", "margin"]:
-            raise ReportError(f"{path}:1: expected the header row,correct,margin")
-        for line, fields in enumerate(reader, start=2):
-            if len(fields) != 3 or not fields[0].isdigit() or fields[1] not in ("0", "1"):
-                raise ReportError(f"{path}:{line}: expected a row number, 0 or 1, and a margin; got {fields}")
-            outcomes[int(fields[0])] = int(fields[1])
+    outcomes: dict[int, int] = {}
+    with open(path, newline="", encoding="utf-8", errors="strict") as f:
+        try:
+            reader = csv.reader(f)
+            if next(reader, None) != ["row", "correct", "margin"]:
+                raise ReportError(f"{path}:1: expected the header row,correct,margin")
+            for line, fields in enumerate(reader, start=2):
+                if (len(fields) != 3 or not (fields[0].isascii() and fields[0].isdigit()) or len(fields[0]) > 18
+                        or fields[1] not in ("0", "1") or not _is_number(fields[2])):  # fmt: skip
+                    raise ReportError(f"{path}:{line}: expected a row number, 0 or 1, and a margin; got {fields[:3]}")
+                if int(fields[0]) in outcomes:
+                    raise ReportError(f"{path}:{line}: row {fields[0]} again (each test pair is listed once)")
+                outcomes[int(fields[0])] = int(fields[1])
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise ReportError(f"{path}: not a UTF-8 CSV file ({type(e).__name__})") from None
+    acc = job.value("test/acc")
+    if outcomes and math.isfinite(acc) and abs(sum(outcomes.values()) / len(outcomes) - acc) > 1e-6:
+        raise ReportError(
+            f"{path}: its pairs give accuracy {sum(outcomes.values()) / len(outcomes):.6f}, but results.json says "
+            f"test/acc {acc:.6f}: they are not from the same test"
+        )
     return outcomes
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -127,23 +175,23 @@ class Group:
     stats: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # metric -> mean, low, high
     vs_best: Paired | None = None
     why_no_test: str = ""
+    is_best: bool = False
+
+    acc_key: str = "test/acc"
 
     @property
     def ok(self) -> list[Job]:
-        return [j for j in self.jobs if j.ok]
-
-    @property
-    def label(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.overrides.items()) or "all jobs"
+        """The jobs that finished with a numeric held-out accuracy: the group's seeds."""
+        return [j for j in self.jobs if j.ok and math.isfinite(j.value(self.acc_key))]
 
 
 def group_jobs(jobs: list[Job], acc_key: str = "test/acc") -> list[Group]:
     """One group per combination of the varying overrides other than `seed`, in first-job order."""
-    keys = [k for k in varied(jobs) if k != SEED]
+    keys = [k for k in varied(jobs) if not is_seed(k)]
     groups: dict[tuple, Group] = {}
     for job in jobs:
-        key = tuple(job.overrides.get(k, "") for k in keys)
-        groups.setdefault(key, Group(dict(zip(keys, key)), [])).jobs.append(job)
+        key = tuple(job.overrides.get(k, UNSET) for k in keys)
+        groups.setdefault(key, Group(dict(zip(keys, key)), [], acc_key=acc_key)).jobs.append(job)
     for group in groups.values():
         group.stats = {m: mean_ci([j.value(key) for j in group.ok]) for m, key in headline(acc_key).items()}
     return list(groups.values())
@@ -154,13 +202,15 @@ def compare(group: Group, best: Group) -> tuple[Paired | None, str]:
     jobs = group.ok + best.ok
     if group is best or not group.ok:
         return None, ""
-    hashes = {j.results.get("test/data_hash") for j in jobs}
-    if None in hashes or len(hashes) > 1:
+    hashes = {str(j.results.get("test/data_hash")) for j in jobs}
+    if "None" in hashes or len(hashes) > 1:
         return None, "no paired test: the jobs were not all tested on the same test data"
     outcomes = [read_test_pairs(j) for j in jobs]
+    if missing := [j.folder.name for j, o in zip(jobs, outcomes) if not o]:
+        return None, f"no paired test: job {', '.join(missing)} has no test_pairs.csv"
     shared = sorted(set.intersection(*(set(o) for o in outcomes)))
     if not shared:
-        return None, "no paired test: no test pairs every job was scored on (test_pairs.csv)"
+        return None, "no paired test: no test pair every job was scored on"
     matrix = np.array([[o[r] for r in shared] for o in outcomes], dtype=float)
     a, b = matrix[: len(group.ok)], matrix[len(group.ok) :]
     seeds_a, seeds_b = [j.seed for j in group.ok], [j.seed for j in best.ok]
@@ -172,20 +222,28 @@ def compare(group: Group, best: Group) -> tuple[Paired | None, str]:
 
 def summarize(jobs: list[Job]) -> tuple[str, list[Group]]:
     """The accuracy key used (test/acc when every finished job has it, else val/acc_best), and the groups
-    with their paired comparison against the best one."""
+    with their paired comparison against the best one (none when no group has an accuracy)."""
     finished = [j for j in jobs if j.ok]
-    metric = "test/acc" if finished and all("test/acc" in j.results for j in finished) else "val/acc_best"
+    untested = [j.folder.name for j in finished if "test/acc" not in j.results]
+    metric = "test/acc" if finished and not untested else "val/acc_best"
     groups = group_jobs(jobs, metric)
-    ranked = [g for g in groups if g.ok and math.isfinite(g.stats["acc"][0])]
-    if ranked:
-        best = max(ranked, key=lambda g: g.stats["acc"][0])
-        for group in groups:
-            group.vs_best, group.why_no_test = compare(group, best) if metric == "test/acc" else (None, "no test split")
+    ranked = [g for g in groups if g.ok]
+    if not ranked:
+        return metric, groups
+    best = max(ranked, key=lambda g: g.stats["acc"][0])
+    for group in groups:
+        if metric == "test/acc":
+            group.vs_best, group.why_no_test = compare(group, best)
+        elif group is not best:
+            why = "no test split" if len(untested) == len(finished) else f"job {', '.join(untested)} has no test/acc"
+            group.vs_best, group.why_no_test = None, f"no paired test: {why}"
+    best.is_best = True
     return metric, groups
 
 
-def _num(value: float, digits: int = 4) -> str:
-    return "" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+def _num(job: Job, key: str, digits: int = 4) -> str:
+    value = job.value(key)
+    return f"{value:.{digits}g}" if math.isfinite(value) else ""
 
 
 def _interval(stat: tuple[float, float, float], digits: int = 3) -> str:
@@ -197,39 +255,44 @@ def _interval(stat: tuple[float, float, float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def cell(text: str) -> str:
+    """Text as one Markdown table cell: no line breaks, `|` escaped, no raw HTML."""
+    return " ".join(str(text).split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def group_table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     keys = list(groups[0].overrides) if groups else []
-    header = [*keys, "seeds", "failed", "acc (95% CI)", "Δ vs best, points (95% CI)", "p vs best", "loss",
-              "wall s", "pairs/s", "trainable params"]  # fmt: skip
+    header = [*keys, "seeds", "failed", "acc (95% CI)", "Δ vs best, points (95% CI)", "p vs best", "pairs",
+              "loss", "wall s", "pairs/s", "trainable params"]  # fmt: skip
     rows = []
     for g in groups:
         d = g.vs_best
         if d is not None:
             diff = f"{d.diff * 100:+.1f} [{d.ci_low * 100:+.1f}, {d.ci_high * 100:+.1f}]"
-            p = f"{d.p:.2g}"
+            p, pairs = f"{d.p:.2g}", str(d.pairs)
         else:
-            diff, p = ("best", "") if not g.why_no_test and g.ok else ("", g.why_no_test)
-        trainable = f"{g.stats['trainable'][0]:,.0f}" if g.ok else ""
+            diff, p, pairs = ("best" if g.is_best else "", g.why_no_test, "")
+        trainable = f"{g.stats['trainable'][0]:,.0f}" if math.isfinite(g.stats["trainable"][0]) else ""
         rows.append([*g.overrides.values(), str(len(g.ok)), str(len(g.jobs) - len(g.ok)), _interval(g.stats["acc"]),
-                     diff, p, _interval(g.stats["loss"]), _interval(g.stats["wall_s"], 1),
+                     diff, p, pairs, _interval(g.stats["loss"]), _interval(g.stats["wall_s"], 1),
                      _interval(g.stats["pairs_per_s"], 1), trainable])  # fmt: skip
     return header, rows
 
 
-def job_table(jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
+def job_table(jobs: list[Job], root: Path) -> tuple[list[str], list[list[str]]]:
     keys = varied(jobs)
     header = ["job", *keys, "status", "val acc best", "test acc", "wall s"]
     rows = []
     for job in jobs:
         status = "ok" if job.ok else f"failed: {job.error}"
-        values = [_num(job.results.get(k, math.nan)) for k in ("val/acc_best", "test/acc", "wall_s")]
-        rows.append([job.folder.name, *(job.overrides.get(k, "") for k in keys), status, *values])
+        values = [_num(job, k) for k in ("val/acc_best", "test/acc", "wall_s")]
+        rows.append([str(job.folder.relative_to(root)), *(job.overrides.get(k, UNSET) for k in keys), status, *values])
     return header, rows
 
 
@@ -244,7 +307,8 @@ def as_json(metric: str, groups: list[Group]) -> dict[str, Any]:
         out.append({
             "overrides": g.overrides, "n": len(g.ok), "failed": len(g.jobs) - len(g.ok),
             "mean": number(mean), "ci_low": number(low), "ci_high": number(high),
-            "diff_vs_best": number(d.diff) if d else (0.0 if g.ok and not g.why_no_test else None),
+            "best": g.is_best,
+            "diff_vs_best": number(d.diff) if d else (0.0 if g.is_best else None),
             "diff_ci_low": number(d.ci_low) if d else None, "diff_ci_high": number(d.ci_high) if d else None,
             "p_vs_best": number(d.p) if d else None, "paired_pairs": d.pairs if d else None,
             "note": g.why_no_test or None,
@@ -255,18 +319,31 @@ def as_json(metric: str, groups: list[Group]) -> dict[str, Any]:
     return {"metric": metric, "test": "paired bootstrap over test pairs and seeds (rewardlab.stats)", "groups": out}
 
 
-def write_csv(path: Path, groups: list[Group]) -> None:
+@contextmanager
+def written(path: Path) -> Iterator[BinaryIO]:
+    """A file written beside `path` and renamed over it: a link there is replaced, never written through."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def csv_text(groups: list[Group]) -> str:
     keys = list(groups[0].overrides) if groups else []
-    with open(path, "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow([*keys, "n", "failed", *(f"{m}_{s}" for m in METRICS for s in ("mean", "ci_low", "ci_high")),
-                      "diff_vs_best", "diff_ci_low", "diff_ci_high", "p_vs_best"])  # fmt: skip
-        for g in groups:
-            d = g.vs_best
-            paired = [d.diff, d.ci_low, d.ci_high, d.p] if d else [math.nan] * 4
-            values = [v for m in METRICS for v in g.stats[m]] + paired
-            out.writerow([*g.overrides.values(), len(g.ok), len(g.jobs) - len(g.ok),
-                          *("" if not math.isfinite(v) else repr(float(v)) for v in values)])  # fmt: skip
+    f = io.StringIO()
+    out = csv.writer(f)
+    out.writerow([*keys, "n", "failed", *(f"{m}_{s}" for m in METRICS for s in ("mean", "ci_low", "ci_high")),
+                  "diff_vs_best", "diff_ci_low", "diff_ci_high", "p_vs_best", "paired_pairs"])  # fmt: skip
+    for g in groups:
+        d = g.vs_best
+        paired = [d.diff, d.ci_low, d.ci_high, d.p, d.pairs] if d else [math.nan] * 5
+        values = [v for m in METRICS for v in g.stats[m]] + paired
+        out.writerow([*g.overrides.values(), len(g.ok), len(g.jobs) - len(g.ok),
+                      *("" if not math.isfinite(v) else repr(float(v)) for v in values)])  # fmt: skip
+    return f.getvalue()
 
 
 def report(sweep_dir: Path, logger: str = "none") -> str:
@@ -278,16 +355,22 @@ def report(sweep_dir: Path, logger: str = "none") -> str:
         raise ReportError(f"{sweep_dir}: no job folders (with .hydra/overrides.yaml) found")
     metric, groups = summarize(jobs)
     seeds = sorted({len(g.ok) for g in groups if g.ok}) or [0]
+    ranked = "" if any(g.is_best for g in groups) else f" No job has a numeric `{metric}`: nothing is ranked."
     text = (
         f"Held-out accuracy: `{metric}`, mean over seeds with its 95% CI (Student's t); Δ and p: paired bootstrap "
-        f"against the best group over the test pairs and seeds ({len(jobs)} jobs, {'/'.join(map(str, seeds))} "
-        "finished seeds per group).\n\n" + markdown(*group_table(groups))
+        f"against the best group over the test pairs both were scored on (`pairs`) and the seeds ({len(jobs)} jobs, "
+        f"{'/'.join(map(str, seeds))} seeds per group).{ranked}\n\n" + markdown(*group_table(groups))
     )
-    (sweep_dir / "report.md").write_text(f"# {sweep_dir.name}\n\n{text}\n## Jobs\n\n{markdown(*job_table(jobs))}")
-    write_csv(sweep_dir / "report.csv", groups)
+    jobs_md = markdown(*job_table(jobs, sweep_dir))
     summary = as_json(metric, groups)
-    (sweep_dir / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot(metric, groups, sweep_dir / "report.png")
+    with written(sweep_dir / "report.md") as f:
+        f.write(f"# {cell(sweep_dir.name)}\n\n{text}\n## Jobs\n\n{jobs_md}".encode())
+    with written(sweep_dir / "report.csv") as f:
+        f.write(csv_text(groups).encode())
+    with written(sweep_dir / "report.json") as f:
+        f.write((json.dumps(summary, indent=1) + "\n").encode())
+    with written(sweep_dir / "report.png") as f:
+        plot(metric, groups, f)
     if logger == "wandb":
         from rewardlab.report_plot import log_to_wandb
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     from rewardlab.report import Group
 
-Y_RANGE = (0.4, 1.0)  # accuracy axis: the same for every report
+Y_RANGE = (0.4, 1.0)  # accuracy axis: the same for every report (0-1 when a run falls outside it)
 COST_SPREAD = {"wall_s": 1.25, "trainable": 1.01}  # drawn when the largest group mean / smallest exceeds this
 
 
@@ -39,12 +39,14 @@ def axis(groups: list[Group]) -> tuple[str, list[float], list[str], bool]:
     if len(keys) == 1 and all(x is not None and x > 0 for x in numbers) and len(set(numbers)) == len(numbers):
         log = max(numbers) / min(numbers) >= 10
         return keys[0], numbers, [short(v) for v in values], log
-    labels = [", ".join(short(v) if len(keys) == 1 else f"{k}={short(v)}" for k, v in g.overrides.items())
+    if not keys:
+        return "all jobs", [0], ["all jobs"], False
+    labels = ["\n".join(short(v) if len(keys) == 1 else f"{k}={short(v)}" for k, v in g.overrides.items())
               for g in groups]  # fmt: skip
-    return ", ".join(keys) or "run", list(range(len(groups))), labels or ["all jobs"], False
+    return ", ".join(keys), list(range(len(groups))), labels, False
 
 
-def plot(metric: str, groups: list[Group], path: Path) -> None:
+def plot(metric: str, groups: list[Group], out: BinaryIO) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,7 +57,7 @@ def plot(metric: str, groups: list[Group], path: Path) -> None:
         fig, ax = plt.subplots(figsize=(5, 3))
         ax.text(0.5, 0.5, "no finished jobs", ha="center", va="center")
         ax.axis("off")
-        fig.savefig(path, dpi=120)
+        fig.savefig(out, format="png", dpi=120)
         plt.close(fig)
         return
     name, xs, labels, log = axis(shown)
@@ -69,14 +71,15 @@ def plot(metric: str, groups: list[Group], path: Path) -> None:
         err = [[mean - low], [high - mean]] if math.isfinite(low) else None
         ax.errorbar([x], [mean], yerr=err, fmt="o", color="C0", capsize=5, markersize=7, zorder=3)
     ax.axhline(0.5, color="C3", linestyle="--", linewidth=1, label="chance")
-    lowest = min([Y_RANGE[0]] + [j.value(metric) - 0.02 for g in shown for j in g.ok])
-    ax.set_ylim(max(0.0, lowest), Y_RANGE[1])
+    values = [j.value(metric) for g in shown for j in g.ok]
+    inside = all(Y_RANGE[0] <= v <= Y_RANGE[1] for v in values)
+    ax.set_ylim(*(Y_RANGE if inside else (min(0.0, *values), max(1.0, *values))))  # never fitted to the noise
     ax.set_ylabel(f"{metric} (mean, 95% CI; grey: seeds)")
     for a in axes[0]:
         a.set_xlabel(name)
         if log:
             a.set_xscale("log")
-        a.set_xticks(xs, labels, rotation=20 if max(map(len, labels)) > 8 else 0)
+        a.set_xticks(xs, labels, rotation=20 if max(map(len, labels)) > 8 and "\n" not in labels[0] else 0)
         a.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     for a, cost in zip(axes[0][1:], costs):
@@ -89,7 +92,7 @@ def plot(metric: str, groups: list[Group], path: Path) -> None:
     seeds = sorted({len(g.ok) for g in shown})
     fig.suptitle(f"{metric} by {name} ({'/'.join(map(str, seeds))} seeds per setting)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(out, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -111,7 +114,7 @@ def log_to_wandb(sweep_dir: Path, summary: dict[str, Any], header: list[str], ro
     try:
         run.log({"report/groups": wandb.Table(columns=header, data=rows),
                  "report/plot": wandb.Image(str(sweep_dir / "report.png"))})  # fmt: skip
-        best = [g for g in summary["groups"] if g["diff_vs_best"] == 0.0]
+        best = [g for g in summary["groups"] if g["best"]]
         if best:
             run.summary["best/mean"] = best[0]["mean"]
             run.summary["best/overrides"] = best[0]["overrides"]

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import stats
 
 ROUNDS = 10_000  # bootstrap resamples: the smallest p-value reported is 2 / (ROUNDS + 1)
-CHUNK = 500  # resamples drawn at once (memory: CHUNK × pairs weights)
+CHUNK = 1000  # resamples drawn at once
 
 
 def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -58,9 +58,17 @@ def paired_bootstrap(
         )
     if seeds_paired and a.shape[0] != b.shape[0]:
         raise ValueError("paired_bootstrap: paired seeds need the same number of seeds on both sides")
+    # Pairs with the same outcomes on every seed of both are interchangeable: drawing n pairs with
+    # replacement is drawing counts of each distinct outcome pattern (at most 2^seeds of them, so the
+    # cost does not grow with the number of pairs).
+    patterns, counts = np.unique(np.vstack([a, b]).T, axis=0, return_counts=True)
+    a_patterns, b_patterns = patterns[:, : a.shape[0]].T, patterns[:, a.shape[0] :].T
     rng = np.random.default_rng(rng_seed)
     resampled = np.concatenate(
-        [_resample(a, b, seeds_paired, min(CHUNK, rounds - done), rng) for done in range(0, rounds, CHUNK)]
+        [
+            _resample(a_patterns, b_patterns, counts, seeds_paired, min(CHUNK, rounds - done), rng)
+            for done in range(0, rounds, CHUNK)
+        ]
     )
     diff = float(a.mean() - b.mean())
     tail = (1 - level) / 2
@@ -75,8 +83,12 @@ def _weights(rounds: int, n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.multinomial(n, np.full(n, 1 / n), size=rounds) / n
 
 
-def _resample(a: np.ndarray, b: np.ndarray, seeds_paired: bool, rounds: int, rng: np.random.Generator) -> np.ndarray:
-    pairs = _weights(rounds, a.shape[1], rng)
+def _resample(
+    a: np.ndarray, b: np.ndarray, counts: np.ndarray, seeds_paired: bool, rounds: int, rng: np.random.Generator
+) -> np.ndarray:
+    """`rounds` resampled differences; `a` and `b` are seeds × outcome patterns, `counts` each pattern's pairs."""
+    n = int(counts.sum())
+    pairs = rng.multinomial(n, counts / n, size=rounds) / n
     seeds_a = _weights(rounds, a.shape[0], rng)
     seeds_b = seeds_a if seeds_paired else _weights(rounds, b.shape[0], rng)
     return ((seeds_a @ a) * pairs).sum(1) - ((seeds_b @ b) * pairs).sum(1)
