@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,11 @@ def _swept_keys(job: Any) -> set[str]:
     params = job.sweeper.get("params") or {}
     candidates = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
     candidates += [f"{k}={v}" for k, v in params.items()]
+    written = Path(job.sweep.dir) / "multirun.yaml"  # the sweep's own command line, for launchers (submitit)
+    try:  # that run each job under their own entry point, with their own argv
+        candidates += list(OmegaConf.load(written).hydra.overrides.task)
+    except Exception:  # noqa: BLE001 - no such file or not Hydra's: the argv and preset keys above stand
+        pass
     keys = set()
     for text in candidates:
         try:
@@ -64,8 +70,10 @@ def _job_type(default: str) -> str:
     if not _sweep_group():
         return default
     swept = _swept_keys(job) - {"seed"}
-    kept = [o for o in job.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
-    return ",".join(kept)[:64] or default
+    kept = ",".join(o for o in job.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept)
+    if len(kept) > 64:  # wandb's limit: cut, and keep settings that share a long start apart
+        kept = f"{kept[:55]}~{hashlib.sha256(kept.encode()).hexdigest()[:8]}"
+    return kept or default
 
 
 def _recipe_lr(scale: str, *, _root_: Any) -> float:

@@ -82,7 +82,9 @@ def pretrained(
             local_files_only=local,
         )
     except OSError as e:  # not found, not downloadable, offline and not cached: transformers says which
-        raise UserError(f"backbone.name_or_path={name_or_path}: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"backbone.name_or_path={name_or_path}: {(str(e) or type(e).__name__).splitlines()[0]}"
+        ) from None
     return Backbone(model, tokenizer)
 
 
@@ -114,8 +116,12 @@ def local_files_only(names: list[str | None], revision: str | None) -> bool:
     """Whether to load hub names from the local cache only: when the hub cannot be reached and every one
     is cached. Neither reachable nor cached is an error in seconds (transformers would retry for a minute),
     naming the local options. With HF_HUB_OFFLINE set, transformers decides (it never connects)."""
+    import urllib.request
+
     remote = [n for n in dict.fromkeys(names) if n and not Path(n).expanduser().exists()]
     if not remote or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if urllib.request.getproxies():  # through a proxy only transformers knows the way: it decides
         return False
     if hub_reachable():
         return False

@@ -87,10 +87,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def checkpoint_file(path: str | Path, key: str = "ckpt_path") -> Path:
     """`path` when it is a file; a folder gets a message listing the checkpoints in it."""
     path = Path(path)
-    if path.is_dir():
-        found = sorted(str(p) for p in path.rglob("*.ckpt") if p.is_file())[:20]
+    if path.is_dir():  # the folder and its checkpoints/ (a run folder), not a walk of a whole tree
+        found = sorted(str(p) for p in [*path.glob("*.ckpt"), *path.glob("checkpoints/*.ckpt")] if p.is_file())[:20]
         listing = ("; it holds " + ", ".join(found)) if found else "; it holds no .ckpt files"
         raise UserError(f"{key}={path} is a folder, expected a checkpoint file{listing}")
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(f"{key}: {str(path)!r} links to {str(path.readlink())!r}, which no longer exists")
     if not path.is_file():
         raise FileNotFoundError(f"{key}: no such checkpoint file {str(path)!r} (a .ckpt file)")
     return path

@@ -452,6 +452,12 @@ class RewardModel(L.LightningModule):
             if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
         self.skipped_nonfinite = checkpoint.get("skipped_nonfinite", 0)
+        names = [g["name"] for g in self.parameter_groups()]
+        for state in checkpoint.get("optimizer_states", []):  # saved before groups had names: give them theirs
+            groups = state.get("param_groups", [])
+            if len(groups) == len(names):
+                for group, name in zip(groups, names):
+                    group.setdefault("name", name)
         loop = checkpoint.get("loops", {}).get("fit_loop", {})
         epochs, batches = loop.get("epoch_progress", {}).get("current"), loop.get("epoch_loop.batch_progress")
         if epochs and batches and epochs["started"] == epochs["completed"]:

@@ -61,6 +61,19 @@ def build_model(cfg: DictConfig, backbone: Any) -> RewardModel:
     return model
 
 
+def check_lr_scale(cfg: DictConfig) -> None:
+    """`recipe.lr_scale` scales the recipe's rate; with `optimizer.lr` set directly it would scale nothing
+    and the jobs of a sweep over it would all train alike."""
+    scale = OmegaConf.select(cfg, "recipe.lr_scale", default=1.0)
+    raw = OmegaConf.to_container(cfg.optimizer, resolve=False).get("lr") if "optimizer" in cfg else None
+    if scale != 1.0 and not (isinstance(raw, str) and "rl_recipe_lr" in raw):
+        raise ConfigError(
+            f"recipe.lr_scale={scale} scales the backbone's recipe rate, but optimizer.lr is set directly "
+            f"({raw}, on the command line or by an experiment preset), so it would change nothing: sweep "
+            "optimizer.lr instead, or leave optimizer.lr to the recipe"
+        )
+
+
 def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
     """The data and the model, from `cfg.backbone`, `cfg.data`, `cfg.model` and its groups; every
     setting is checked against what its target accepts before anything is built."""
@@ -69,6 +82,7 @@ def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
     for group in BUILT_GROUPS:  # `auto` is decided below, once the backbone exists
         check_types(cfg.get(group), group, allow_auto=("trainer.precision",))
     check_ranges(cfg)
+    check_lr_scale(cfg)
     kernels = limit_kernel_cache(cfg.cpu_kernel_cache)  # before the first bf16 kernel is built
     backbone = instantiate(cfg.backbone)
     check_max_length(cfg.data.max_length, backbone.model.config)
@@ -115,7 +129,8 @@ def check_own_data(data: DictConfig, tested: bool = True) -> None:
             )
 
 
-# Lightning's lines about settings rewardlab's conf/ sets to their defaults, and its advertising: not news.
+# Lightning's lines saying a limit or interval is at its default (conf/trainer/ names every one, so they
+# would print on every run) and its advertising: not news.
 LIGHTNING_NOISE = ("💡 Tip:", "was configured so", "Loading `train_dataloader` to estimate")
 
 

@@ -24,7 +24,8 @@ def stored(tmp_path_factory, cache_dir) -> dict:
     cfg = compose_config("train", ["logger=none"], tmp_path_factory.mktemp("run"), cache_dir)
     _, model = build(cfg)
     config = OmegaConf.to_container(cfg.copy(), resolve=False)
-    config["optimizer"] = OmegaConf.to_container(cfg.optimizer, resolve=True)  # its lr reads the backbone's recipe
+    for group in ("optimizer", "model", "scheduler"):  # they read the backbone's recipe (lr, head_lr_mult, warmup)
+        config[group] = OmegaConf.to_container(cfg[group], resolve=True)
     return {"rewardlab_config": config, "state_dict": model.state_dict()}
 
 

@@ -234,6 +234,14 @@ def test_each_backbone_brings_its_learning_rate(overrides, lr):
     assert cfg.optimizer.lr == pytest.approx(lr, rel=1e-9)
 
 
+def test_a_learning_rate_scale_that_would_scale_nothing_is_refused(make_cfg):
+    from rewardlab.checks import ConfigError
+    from rewardlab.run import build
+
+    with pytest.raises(ConfigError, match=r"recipe.lr_scale=4 scales the backbone's recipe rate, but optimizer.lr is "):
+        build(make_cfg("recipe.lr_scale=4", "optimizer.lr=1e-4"))
+
+
 def test_the_recipe_sets_head_rate_and_warmup_unless_set_directly():
     from hydra import compose, initialize_config_dir
 

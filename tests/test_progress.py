@@ -133,3 +133,31 @@ def test_offline_mode_is_one_line_too(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 1 and last.startswith("error: backbone.name_or_path=someone/some-model: ")
     assert "Traceback" not in done.stderr
+
+
+def test_behind_a_proxy_transformers_decides(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setattr(backbones, "hub_reachable", lambda timeout=3.0: pytest.fail("probed past a proxy"))
+    assert backbones.local_files_only(["someone/some-model"], None) is False
+
+
+def test_a_link_to_a_checkpoint_that_is_gone_says_so(tmp_path):
+    from rewardlab.checkpoints import checkpoint_file
+
+    (tmp_path / "best.ckpt").symlink_to("best-step10-acc0.9.ckpt")
+    with pytest.raises(FileNotFoundError, match="links to 'best-step10-acc0.9.ckpt', which no longer exists"):
+        checkpoint_file(tmp_path / "best.ckpt")
+
+
+def test_optimizer_states_saved_before_groups_had_names_get_them():
+    from .conftest import reward_model
+
+    model = reward_model(backbones.tiny("llama", 32, 1, 2, 64, 128, 0.0).model)
+    saved = {"optimizer_states": [{"param_groups": [{"lr": 1e-3}, {"lr": 1e-3}, {"lr": 1e-3}], "state": {}}]}
+    model.on_load_checkpoint(saved)
+    assert [g["name"] for g in saved["optimizer_states"][0]["param_groups"]] == [
+        "backbone",
+        "backbone_no_decay",
+        "head",
+    ]

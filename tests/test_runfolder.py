@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rewardlab.checkpoints import UntrustedCheckpoint
 from rewardlab.runfolder import LOCK_FILE, RunFolder, RunFolderError
 from rewardlab.train import train
 
@@ -131,7 +132,7 @@ def test_a_checkpoint_that_would_run_code_on_resume_is_refused(make_cfg, tmp_pat
             return (Path.touch, (tmp_path / "PWNED",))
 
     torch.save({"state_dict": {}, "evil": Evil()}, tmp_path / "evil.ckpt")
-    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+    with pytest.raises(UntrustedCheckpoint, match="evil.ckpt: not a rewardlab checkpoint: not a file of tensors"):
         train(make_cfg(*STEPS, f"ckpt_path={tmp_path / 'evil.ckpt'}"))
     assert not (tmp_path / "PWNED").exists()
 

@@ -129,7 +129,7 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, cache_dir):
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     accs = [json.loads(p.read_text())["val/acc_best"] for p in sweep.glob("*/results.json")]
     assert len(accs) == 3 and best["best_value"] == pytest.approx(max(accs))
-    assert set(best["best_params"]) == {"optimizer.lr", "optimizer.weight_decay", "model.head_lr_mult"}
+    assert set(best["best_params"]) == {"recipe.lr_scale", "optimizer.weight_decay", "model.head_lr_mult"}
 
 
 @pytest.mark.slow

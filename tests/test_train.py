@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -12,7 +13,6 @@ import pytest
 import torch
 
 from rewardlab import synthetic
-from rewardlab.data.sources import fingerprint_source
 from rewardlab.train import train
 
 from .conftest import ROOT
@@ -68,7 +68,7 @@ def test_tiny_model_learns_a_task_to_high_held_out_accuracy(make_cfg, tmp_path):
     assert [int(r[0]) for r in rows] == list(range(1, 301))
     assert sum(int(r[1]) for r in rows) / 300 == pytest.approx(results["test/acc"], abs=1e-6)
     assert all(int(r[1]) == (float(r[2]) > 0) for r in rows)
-    assert results["test/data_hash"] == fingerprint_source(f"{tmp_path}/d/test.jsonl", "test")
+    assert results["test/data_hash"] == hashlib.sha256((tmp_path / "d" / "test.jsonl").read_bytes()).hexdigest()
 
 
 def test_run_writes_results_and_checkpoints_and_resumes(tmp_path, cache_dir):
