@@ -52,10 +52,10 @@ def _swept_keys(job: Any) -> set[str]:
         candidates += list(OmegaConf.load(written).hydra.overrides.task)
     except Exception:  # noqa: BLE001 - no such file or not Hydra's: the argv and preset keys above stand
         pass
-    keys = set()
+    keys, parser = set(), OverridesParser.create()
     for text in candidates:
         try:
-            override = OverridesParser.create().parse_overrides([text])[0]
+            override = parser.parse_overrides([text])[0]
         except Exception:  # noqa: BLE001 - not an override (e.g. a script's own argument): not swept
             continue
         if override.is_sweep_override():

@@ -16,17 +16,15 @@ import csv
 import io
 import json
 import math
-import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import yaml
 
+from rewardlab.runfolder import atomic_output
 from rewardlab.stats import Paired, mean_ci, paired_bootstrap
 
 SEED = "seed"
@@ -51,10 +49,17 @@ class Job:
     overrides: dict[str, str]
     results: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    read_pairs: dict[int, int] | None = field(default=None, repr=False)  # test_pairs.csv, once read
 
     @property
     def ok(self) -> bool:
         return bool(self.results)
+
+    def test_pairs(self) -> dict[int, int]:
+        """`read_test_pairs`, read once: the best group's files serve every comparison."""
+        if self.read_pairs is None:
+            self.read_pairs = read_test_pairs(self)
+        return self.read_pairs
 
     @property
     def seed(self) -> str:
@@ -176,7 +181,6 @@ class Group:
     vs_best: Paired | None = None
     why_no_test: str = ""
     is_best: bool = False
-
     acc_key: str = "test/acc"
 
     @property
@@ -205,7 +209,7 @@ def compare(group: Group, best: Group) -> tuple[Paired | None, str]:
     hashes = {str(j.results.get("test/data_hash")) for j in jobs}
     if "None" in hashes or len(hashes) > 1:
         return None, "no paired test: the jobs were not all tested on the same test data"
-    outcomes = [read_test_pairs(j) for j in jobs]
+    outcomes = [j.test_pairs() for j in jobs]
     if missing := [j.folder.name for j, o in zip(jobs, outcomes) if not o]:
         return None, f"no paired test: job {', '.join(missing)} has no test_pairs.csv"
     shared = sorted(set.intersection(*(set(o) for o in outcomes)))
@@ -319,18 +323,6 @@ def as_json(metric: str, groups: list[Group]) -> dict[str, Any]:
     return {"metric": metric, "test": "paired bootstrap over test pairs and seeds (rewardlab.stats)", "groups": out}
 
 
-@contextmanager
-def written(path: Path) -> Iterator[BinaryIO]:
-    """A file written beside `path` and renamed over it: a link there is replaced, never written through."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def csv_text(groups: list[Group]) -> str:
     keys = list(groups[0].overrides) if groups else []
     f = io.StringIO()
@@ -363,14 +355,15 @@ def report(sweep_dir: Path, logger: str = "none") -> str:
     )
     jobs_md = markdown(*job_table(jobs, sweep_dir))
     summary = as_json(metric, groups)
-    with written(sweep_dir / "report.md") as f:
-        f.write(f"# {cell(sweep_dir.name)}\n\n{text}\n## Jobs\n\n{jobs_md}".encode())
-    with written(sweep_dir / "report.csv") as f:
-        f.write(csv_text(groups).encode())
-    with written(sweep_dir / "report.json") as f:
-        f.write((json.dumps(summary, indent=1) + "\n").encode())
-    with written(sweep_dir / "report.png") as f:
-        plot(metric, groups, f)
+    for name, content in (
+        ("report.md", f"# {cell(sweep_dir.name)}\n\n{text}\n## Jobs\n\n{jobs_md}"),
+        ("report.csv", csv_text(groups)),
+        ("report.json", json.dumps(summary, indent=1) + "\n"),
+    ):
+        with atomic_output(sweep_dir / name) as tmp:
+            tmp.write_text(content)
+    with atomic_output(sweep_dir / "report.png") as tmp:
+        plot(metric, groups, tmp)
     if logger == "wandb":
         from rewardlab.report_plot import log_to_wandb
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rewardlab.report import Group
@@ -46,7 +46,7 @@ def axis(groups: list[Group]) -> tuple[str, list[float], list[str], bool]:
     return ", ".join(keys), list(range(len(groups))), labels, False
 
 
-def plot(metric: str, groups: list[Group], out: BinaryIO) -> None:
+def plot(metric: str, groups: list[Group], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

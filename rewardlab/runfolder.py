@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,3 +138,17 @@ class FreshSweepFolder(Callback):
                 f"error: {folder} already holds a sweep; a sweep never writes into another's folder: "
                 "choose another hydra.sweep.dir"
             )
+
+
+@contextmanager
+def atomic_output(out: Path) -> Iterator[Path]:
+    """A temporary name beside `out`, renamed to it only when the block completes: a crash or an
+    error leaves no half file and the old one, if any, untouched; a link at `out` is replaced, never
+    written through."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)

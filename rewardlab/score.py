@@ -26,10 +26,8 @@ import json
 import logging
 import math
 import os
-import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +47,7 @@ from rewardlab.data.rows import (
 )
 from rewardlab.data.sources import CHUNK_ROWS, Part, chunks, source_parts, split_spec
 from rewardlab.errors import one_line_errors
-from rewardlab.runfolder import claimed
+from rewardlab.runfolder import atomic_output, claimed
 from rewardlab.scoring import Scorer
 
 log = logging.getLogger(__name__)
@@ -179,19 +177,6 @@ def check_output(source: str, output: str, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
         raise DataError(f"output={output} exists; pass overwrite=true to replace it")
     return out
-
-
-@contextmanager
-def atomic_output(out: Path) -> Iterator[Path]:
-    """A temporary name beside `out`, renamed to it only when the block completes: a crash or an
-    error leaves no half file and the old one, if any, untouched."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _is_single(row: Any, columns: dict[str, str]) -> bool:

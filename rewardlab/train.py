@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,6 @@ from rewardlab.callbacks import Throughput
 from rewardlab.checkpoints import UntrustedCheckpoint, checkpoint_file, read_checkpoint, stored_config
 from rewardlab.checks import ConfigError
 from rewardlab.data.module import PreferenceDataModule
-from rewardlab.data.sources import fingerprint_source
 from rewardlab.errors import UserError, one_line_errors
 from rewardlab.model import RewardModel
 from rewardlab.progress import duration
@@ -200,26 +198,11 @@ def write_test_pairs(folder: Path, datamodule: PreferenceDataModule, index: np.n
         out.writerow(["row", "correct", "margin"])
         out.writerows(zip(rows.tolist(), (margin > 0).astype(int).tolist(), margin.tolist()))
     # Each pair once: on several devices the sampler repeats a pair to even out the last batch.
-    results: dict[str, Any] = {"test/pairs_file": "test_pairs.csv", "test/acc": float((margin > 0).mean())}
-    try:
-        results["test/data_hash"] = content_hash(datamodule.files["test"])
-    except Exception as e:  # noqa: BLE001 - a finished run is never lost over its test data's fingerprint
-        log.warning(
-            "test data not fingerprinted (%s: %s): the report will not pair this run's test", type(e).__name__, e
-        )
-    return results
-
-
-def content_hash(spec: str) -> str:
-    """A local file's content alone (a renamed copy is the same test), else the source's fingerprint."""
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        return fingerprint_source(spec, "test")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return {
+        "test/pairs_file": "test_pairs.csv",
+        "test/acc": float((margin > 0).mean()),
+        "test/data_hash": datamodule.fingerprint("test"),  # computed when the split was cached
+    }
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -22,8 +22,11 @@ def test_each_packaged_backbone_learns_with_its_recipe(backbone, steps, make_cfg
         "trainer.precision=32-true",
         "test=false",
         *(["backbone.attn_implementation=sdpa"] if backbone != "tiny" else []),
-        *(["data.batch_size=8", "data.eval_batch_size=32", "trainer.limit_val_batches=0.5"]  # 135M on 2 cores
-          if backbone == "smollm2_135m" else []),  # fmt: skip
+        *(
+            ["data.batch_size=8", "data.eval_batch_size=32", "trainer.limit_val_batches=0.5"]  # 135M on 2 cores
+            if backbone == "smollm2_135m"
+            else []
+        ),  # fmt: skip
     )
     results = train(cfg)
     assert cfg.optimizer.lr == cfg.recipe.lr  # the recipe's rate, as the backbone brought it

@@ -68,7 +68,8 @@ def test_tiny_model_learns_a_task_to_high_held_out_accuracy(make_cfg, tmp_path):
     assert [int(r[0]) for r in rows] == list(range(1, 301))
     assert sum(int(r[1]) for r in rows) / 300 == pytest.approx(results["test/acc"], abs=1e-6)
     assert all(int(r[1]) == (float(r[2]) > 0) for r in rows)
-    assert results["test/data_hash"] == hashlib.sha256((tmp_path / "d" / "test.jsonl").read_bytes()).hexdigest()
+    content = (tmp_path / "d" / "test.jsonl").read_bytes()  # the split's name, then the file's content alone
+    assert results["test/data_hash"] == hashlib.sha256(b"test" + content).hexdigest()
 
 
 def test_run_writes_results_and_checkpoints_and_resumes(tmp_path, cache_dir):

@@ -109,6 +109,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.datasets: dict[str, PairDataset] = {}
         self.resume: dict[str, int] | None = None  # a checkpoint's data position, until the loader uses it
         self._cache_paths: dict[str, Path] = {}
+        self._fingerprints: dict[str, str] = {}
 
     def cache_path(self, split: str) -> Path:
         """Where the split's tokens are cached: keyed by the data's content, tokenizer and settings
@@ -117,13 +118,19 @@ class PreferenceDataModule(L.LightningDataModule):
             self._cache_paths[split] = self._cache_key_path(split)
         return self._cache_paths[split]
 
+    def fingerprint(self, split: str) -> str:
+        """The split's data fingerprint (`fingerprint_source`), computed once: it keys the token cache and
+        names the test data in results (`test/data_hash`)."""
+        if split not in self._fingerprints:
+            self._fingerprints[split] = fingerprint_source(self.files[split], split)
+        return self._fingerprints[split]
+
     def _cache_key_path(self, split: str) -> Path:
-        spec = self.files[split]
         key = hashlib.sha256(
             json.dumps(
                 [
                     CACHE_VERSION,
-                    fingerprint_source(spec, split),
+                    self.fingerprint(split),
                     tokenizer_fingerprint(self.tokenizer),
                     vars(self.settings),
                 ],

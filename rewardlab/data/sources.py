@@ -384,7 +384,8 @@ def read_source(spec: str, default_split: str) -> Iterator[tuple[str, Any]]:
 
 
 def fingerprint_source(spec: str, default_split: str) -> str:
-    """Content hash of local data (so renames and touches keep the cache), or the hub fingerprint."""
+    """Content hash of local data (so renames and touches keep the cache, and a renamed copy of a test
+    file is the same test), or the hub fingerprint."""
     path = Path(spec).expanduser()
     name, split = (spec, default_split) if path.exists() else split_spec(spec, default_split)
     path = Path(name).expanduser()
@@ -392,7 +393,8 @@ def fingerprint_source(spec: str, default_split: str) -> str:
     if path.exists():
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for file in files:
-            h.update(str(file.relative_to(path) if file != path else file.name).encode())
+            if file != path:  # in a folder, which file holds what; a single file is its content alone
+                h.update(str(file.relative_to(path)).encode())
             with open(file, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rewardlab.data.rows import BadRow, DataError, Pair, check_row, decide_schema
-from rewardlab.data.sources import read_source, source_parts, split_spec
+from rewardlab.data.sources import fingerprint_source, read_source, source_parts, split_spec
 
 from ..conftest import FIXTURES
 from .common import COLUMNS, datamodule, ready, write
@@ -360,3 +360,13 @@ def test_a_line_of_unicode_separators_is_a_row_not_a_blank_line(line, tmp_path):
     path = write(tmp_path, "t.jsonl", json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" + line + "\n")
     second = [row for _, row in read_source(str(path), "train")][1]
     assert isinstance(second, BadRow) and second.code != "blank_line"
+
+
+def test_a_files_fingerprint_is_its_content_not_its_name(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    (tmp_path / "renamed.jsonl").write_text((tmp_path / "a.jsonl").read_text())
+    (tmp_path / "other.jsonl").write_text('{"prompt": "p", "chosen": "b", "rejected": "a"}\n')
+    same = fingerprint_source(str(tmp_path / "a.jsonl"), "test")
+    assert same == fingerprint_source(str(tmp_path / "renamed.jsonl"), "test")
+    assert same != fingerprint_source(str(tmp_path / "other.jsonl"), "test")
+    assert same != fingerprint_source(str(tmp_path / "a.jsonl"), "train")
