@@ -51,6 +51,7 @@ def plot(metric: str, groups: list[Group], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     shown = [g for g in groups if g.ok]
     if not shown:
@@ -79,6 +80,7 @@ def plot(metric: str, groups: list[Group], out: Path) -> None:
         a.set_xlabel(name)
         if log:
             a.set_xscale("log")
+            a.xaxis.set_minor_formatter(NullFormatter())  # only the swept values are labelled
         a.set_xticks(xs, labels, rotation=20 if max(map(len, labels)) > 8 and "\n" not in labels[0] else 0)
         a.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")

@@ -73,3 +73,31 @@ def test_a_config_folder_of_your_own_extends_the_packaged_one(installed, tmp_pat
     done = run(installed, "train", f"--config-dir={mine}", "data=mine", *TINY_RUN, "hydra.run.dir=run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["data/train/read"] == 500
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """What rewardlab imports, a `pip install rewardlab` installs: each top-level module its code imports
+    comes from a distribution named in pyproject's dependencies (one pulled in by another is not enough)."""
+    import ast
+    import importlib.metadata
+    import re
+
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    names = {canonical(re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0]) for d in declared}
+    modules = set()
+    for path in (ROOT / "rewardlab").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    modules -= set(sys.stdlib_module_names) | {"rewardlab", "__future__"}
+    providers = importlib.metadata.packages_distributions()
+    undeclared = {m: providers.get(m) for m in modules if not {canonical(d) for d in providers.get(m, [m])} & names}
+    assert not undeclared, f"imported but not in pyproject's dependencies: {undeclared}"
