@@ -6,8 +6,12 @@ with the command that produced it, to docs/BENCHMARKS.md.
     python bench/run.py shared                  SmolLM2 on long prompts: the shared-prompt pass vs two passes
     python bench/run.py cache                   frozen-trunk feature cache: epoch 1 vs later epochs
     python bench/run.py memory                  peak RSS at 1x and 10x the data
+    python bench/run.py head-cost               head_only on the feature cache: k ensemble heads vs one
     python bench/run.py accuracy [--seeds 5] [--train-pairs 1024] [--variant "name: overrides"]
                                                 held-out accuracy over seeds on the development pairs
+    python bench/run.py heads [--data chitchat|quiz] [--backbone minilm|tiny] [--train-pairs 1024]
+                                                head=linear/odin/ensemble × 3 seeds where length is a
+                                                confound (experiment=length_heads), with the report
 
 Workloads (bench/workloads.py): `chitchat-pairs`, the project's real human preference pairs
 (`../shared/data/chitchat-pairs`, when present); `hh` and `uf`, real English conversations shaped
@@ -217,6 +221,25 @@ def memory(args: argparse.Namespace) -> None:
     append("Peak memory against dataset size", f"python bench/run.py memory --workloads {folder.name}", body)
 
 
+def head_cost(args: argparse.Namespace) -> None:
+    """freeze=head_only on MiniLM, three epochs, feature cache on: one linear head against ensembles of 4 and
+    16 heads. Epoch 1 computes the frozen trunk; later epochs run only the heads on the cached features."""
+    folder = data(args.workloads.split(",")[0])
+    common = dict(data=str(folder), lr=1e-3, steps=-1)
+    rows, base = [], None
+    for head in ("linear", "ensemble k=4", "ensemble k=16"):
+        name, _, k = head.partition(" ")
+        overrides = ["freeze=head_only", f"head={name}", "trainer.max_epochs=3", *([f"head.{k}"] if k else [])]
+        found = run_job("rewardlab", overrides=overrides, label=head, cache_dir=tempfile.mkdtemp(), **common)
+        e = found["epoch_seconds"]
+        later = sum(e[1:]) / len(e[1:])
+        base = base or later
+        rows.append([head, e[0], later, later / base, found["test_acc"]])
+    body = table(["head", "epoch 1 s (computes the trunk)", "epochs 2-3 s (cached)", "× linear", "test acc"], rows)
+    body += f"\n\n{folder.name}, MiniLM, freeze=head_only, 3 epochs, each run with its own empty feature cache."
+    append("Ensemble heads on a frozen trunk", f"python bench/run.py head-cost --workloads {folder.name}", body)
+
+
 def development(train_pairs: int) -> Path:
     """The development pairs for accuracy: the first `train_pairs` training pairs (0: all), and the whole
     val split as both val and test (one validation at the end of the one epoch, so nothing is selected on it)."""
@@ -301,9 +324,111 @@ def accuracy(args: argparse.Namespace) -> None:
     append(f"Held-out accuracy over seeds, {pairs} training pairs", command, body)
 
 
+def length_confounded(train_pairs: int, longer_share: float) -> Path:
+    """The development pairs re-split so that length is a confound: training and validation pairs (from
+    the training file) whose chosen response is the longer (in characters) in `longer_share` of them; a
+    test split (from the val file) where it is the longer in exactly half. Pairs of equal length are left
+    out; each kind is taken in file order. Length is compared in characters here; the metrics count tokens, so
+    a few pairs of near-equal length may fall on the other side there."""
+    if not DEV.exists():
+        raise FileNotFoundError(f"{DEV}: the development pairs are not on this machine")
+
+    def by_length(name: str) -> tuple[list[str], list[str]]:
+        lines = (DEV / name).read_text().splitlines(keepends=True)
+        rows = [json.loads(line) for line in lines]
+        longer = [x for x, r in zip(lines, rows) if len(r["chosen"]) > len(r["rejected"])]
+        return longer, [x for x, r in zip(lines, rows) if len(r["chosen"]) < len(r["rejected"])]
+
+    longer, shorter = by_length("train.jsonl")
+    n_longer = round(train_pairs * longer_share)
+    n_val = min(256, len(longer) - n_longer)
+    v_longer = round(n_val * longer_share)
+    train = longer[:n_longer] + shorter[: train_pairs - n_longer]
+    val = longer[n_longer : n_longer + v_longer] + shorter[train_pairs - n_longer :][: n_val - v_longer]
+    test_longer, test_shorter = by_length("val.jsonl")
+    half = min(len(test_longer), len(test_shorter))
+    folder = CACHE / f"length-confound-{train_pairs}-{longer_share}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, lines in (("train", train), ("val", val), ("test", test_longer[:half] + test_shorter[:half])):
+        (folder / f"{split}.jsonl").write_text("".join(lines))
+    return folder
+
+
+FILLER = "and I say so with full confidence after thinking it through very carefully indeed".split()
+
+
+def length_confounded_quiz(longer_share: float) -> Path:
+    """The quiz with length made a confound: filler words (2 to 12, which say nothing about the answer)
+    end the chosen response in `longer_share` of the training and validation pairs and the rejected one in
+    the others; in the test pairs each side gets them in exactly half."""
+    import random
+
+    folder = CACHE / f"length-confound-quiz-{longer_share}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for split in ("train", "val", "test"):
+        rows = [json.loads(line) for line in open(ROOT / "rewardlab" / "assets" / "quiz" / f"{split}.jsonl")]
+        out = []
+        for i, row in enumerate(rows):
+            chosen_longer = i % 2 == 0 if split == "test" else rng.random() < longer_share
+            side = "chosen" if chosen_longer else "rejected"
+            row[side] = row[side].removesuffix(".") + ", " + " ".join(FILLER[: rng.randint(2, 12)]) + "."
+            out.append(json.dumps(row) + "\n")
+        (folder / f"{split}.jsonl").write_text("".join(out))
+    return folder
+
+
+def heads(args: argparse.Namespace) -> None:
+    """experiment=length_heads on length-confounded data (the development pairs, or the quiz with filler
+    words), then the sweep report."""
+    import subprocess
+
+    tiny = args.backbone == "tiny"
+    setup = ["backbone=tiny", "trainer.max_epochs=12"] if tiny else []  # from scratch: its default epochs
+    training = (
+        "the tiny backbone from scratch with its recipe, 12 epochs"
+        if tiny
+        else "MiniLM full fine-tune with its recipe, one epoch"
+    )
+    if args.data == "quiz":  # MiniLM: the first 2,000 training pairs (125 batches) keep 9 jobs near 20 minutes
+        folder, setup = length_confounded_quiz(0.9), [*setup, "data.batch_size=16"]
+        setup += [] if tiny else ["trainer.limit_train_batches=125"]
+        what = (
+            "the quiz (objective right answers), where 2–12 filler words end the chosen response in 90% of the "
+            "training and validation pairs and the rejected one in the others, and each side in half of the test "
+            f"pairs (`length_confounded_quiz` in bench/run.py). {training.capitalize()}, 16 pairs per batch"
+            + ("" if tiny else " (125 batches: the first 2,000 of its training pairs in the epoch's order)")
+        )
+    else:
+        folder, what = length_confounded(args.train_pairs, 0.9), ""
+    sweep = CACHE / f"length-heads-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    data = [f"data.{s}_file={folder}/{s}.jsonl" for s in ("train", "val", "test")]
+    overrides = ["experiment=length_heads", *setup, *data, "logger=csv", f"hydra.sweep.dir={sweep}", *args.overrides]
+    subprocess.run([sys.executable, "-m", "rewardlab.train", *overrides], check=True, cwd=ROOT)
+    report = subprocess.run([sys.executable, "-m", "rewardlab.report", str(sweep)], check=True, cwd=ROOT,
+                            capture_output=True, text=True).stdout  # fmt: skip
+    counts = {s: sum(1 for _ in open(folder / f"{s}.jsonl")) for s in ("train", "val", "test")}
+    what = what or (
+        f"the development pairs re-split so that the chosen response is the longer in 90% of the "
+        f"{counts['train']} training and {counts['val']} validation pairs and in half of the {counts['test']} "
+        f"test pairs (`length_confounded` in bench/run.py). {training.capitalize()}, 8 pairs per batch"
+    )
+    body = (
+        f"Data: {what}. Length-controlled accuracy: the mean of the accuracies where the chosen response is the "
+        f"longer and where it is the shorter. Sweep folder: {sweep.relative_to(ROOT)}\n\n"
+        + report.split("\nwrote ", 1)[0]
+    )
+    command = f"python bench/run.py heads --data {args.data} --backbone {args.backbone}"
+    command += f" --train-pairs {args.train_pairs}" if args.data == "chitchat" else ""
+    command += f" --overrides {' '.join(args.overrides)}" if args.overrides else ""
+    append(f"Reward heads where length is a confound ({args.data}, {args.backbone})", command, body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["compare", "levers", "shared", "cache", "memory", "accuracy"])
+    parser.add_argument(
+        "what", choices=["compare", "levers", "shared", "cache", "memory", "accuracy", "heads", "head-cost"]
+    )
     parser.add_argument("--steps", type=int, default=64, help="training steps per run (accuracy: one epoch, always)")
     parser.add_argument("--workloads", default=None, help="comma-separated (default: each command's own)")
     parser.add_argument("--seeds", type=int, default=5)
@@ -311,14 +436,19 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help='accuracy: "name: override override ..."')
     parser.add_argument("--train-pairs", type=int, default=1024, help="accuracy: the first N training pairs (0: all)")
     parser.add_argument("--no-trl", action="store_true", help="accuracy: rewardlab's runs only")
+    parser.add_argument("--data", choices=["chitchat", "quiz"], default="chitchat", help="heads: the confounded data")
+    parser.add_argument("--backbone", choices=["minilm", "tiny"], default="minilm", help="heads: the backbone")
     args = parser.parse_args()
     if args.what == "accuracy" and (args.seeds < 2 or args.train_pairs < 0):
         parser.error("accuracy: --seeds must be at least 2 (a confidence interval needs two) and --train-pairs >= 0")
+    if args.what == "heads" and args.train_pairs < 1:
+        parser.error("heads: --train-pairs must be at least 1 (the confounded split takes that many training pairs)")
     if args.workloads is None:
         args.workloads = {"compare": ",".join(["chitchat-pairs", *sorted(BUILDERS.keys() - {"chitchat"}), "quiz"]),
                           "shared": "hh"}.get(args.what, "chitchat-pairs")  # fmt: skip
-    commands = {"compare": compare, "levers": levers, "shared": shared, "cache": cache, "memory": memory}
-    (commands | {"accuracy": accuracy})[args.what](args)
+    commands = {"compare": compare, "levers": levers, "shared": shared, "cache": cache, "memory": memory,
+                "head-cost": head_cost}  # fmt: skip
+    (commands | {"accuracy": accuracy, "heads": heads})[args.what](args)
 
 
 if __name__ == "__main__":

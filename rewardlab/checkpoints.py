@@ -29,8 +29,24 @@ log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 # Groups a checkpoint's model and data are rebuilt from; nothing else of its stored config is ever built.
-MODEL_GROUPS = ("backbone", "model", "loss", "optimizer", "scheduler", "freeze")
+MODEL_GROUPS = ("backbone", "model", "loss", "optimizer", "scheduler", "freeze", "head")
 BUILT_FROM_CHECKPOINT = (*MODEL_GROUPS, "data")
+ADDED_GROUPS = ("head",)  # groups older checkpoints lack: `rewardlab.run.fill_newer_keys` supplies them
+
+
+def linear_head() -> dict[str, Any]:
+    """The head of a checkpoint from before heads were a group: the one linear head there was."""
+    return yaml.safe_load((CONF_DIR / "head" / "linear.yaml").read_text())
+
+
+def is_run_config(config: Any) -> bool:
+    """A mapping with every group a checkpoint's model and data are built from (or a later-added one
+    missing), each a mapping."""
+    return isinstance(config, dict) and all(
+        isinstance(config.get(g), dict) or (g in ADDED_GROUPS and g not in config) for g in BUILT_FROM_CHECKPOINT
+    )
+
+
 CONFIG_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_"}
 
 
@@ -104,7 +120,7 @@ def stored_config(checkpoint: dict[str, Any], source: str) -> dict[str, Any]:
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UntrustedCheckpoint(f"{source}: its 'state_dict' is not a mapping of tensors")
-    if not isinstance(config, dict) or not all(isinstance(config.get(g), dict) for g in BUILT_FROM_CHECKPOINT):
+    if not is_run_config(config):
         raise UntrustedCheckpoint(f"{source}: its 'rewardlab_config' is not a rewardlab run config")
     return config
 
@@ -112,7 +128,7 @@ def stored_config(checkpoint: dict[str, Any], source: str) -> dict[str, Any]:
 def checked_config(stored: Any, source: str, allow_targets: Iterable[str], trust_remote_code: bool) -> DictConfig:
     """The groups of a checkpoint's stored config that get built (the model's and the data's), safe
     to build from (see the module's docstring)."""
-    if not isinstance(stored, dict) or not all(isinstance(stored.get(g), dict) for g in BUILT_FROM_CHECKPOINT):
+    if not is_run_config(stored):
         raise UntrustedCheckpoint(f"{source}: its 'rewardlab_config' is not a rewardlab run config")
     allowed = set(allow_targets)
 
@@ -150,4 +166,4 @@ def checked_config(stored: Any, source: str, allow_targets: Iterable[str], trust
             return node
         raise refuse(key, f"holds a {type(node).__name__}, not a config value")
 
-    return OmegaConf.create({g: clean(stored[g], g, top=True) for g in BUILT_FROM_CHECKPOINT})
+    return OmegaConf.create({g: clean(stored[g], g, top=True) for g in BUILT_FROM_CHECKPOINT if g in stored})

@@ -135,6 +135,22 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "trainer.max_epochs": (lambda v: isinstance(v, int) and v >= -1, "an integer >= -1 (-1: no limit)"),
     "trainer.max_steps": (lambda v: isinstance(v, int) and v >= -1, "an integer >= -1 (-1: no limit)"),
+    "uncertainty_quantiles": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000,
+        "an integer in [1, 1000]",
+    ),
+    "length_gap_edges": (
+        lambda v: (
+            isinstance(v, list)
+            and all(isinstance(e, int) and not isinstance(e, bool) for e in v)
+            and v == sorted(set(v))
+        ),
+        "a list of increasing integers (response tokens)",
+    ),
+    "length_calibration": (lambda v: v in (None, "val", "test"), "null, val or test"),
+    "head.k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 1024, "an integer in [2, 1024]"),
+    "head.length_coef": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "head.ortho_coef": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
 }
 
 

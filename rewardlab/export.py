@@ -5,7 +5,9 @@
 head under the family's own name (`score` for Llama, GPT-2, ...), the tokenizer with its chat
 template and a pad token that never occurs in real text (transformers finds the last token as the
 last one that is not `pad_token_id`; TRL builds the attention mask from it), and reward
-normalisation statistics in the config. LoRA adapters are merged first.
+normalisation statistics in the config. LoRA adapters are merged first. The model's one logit is the
+head's reward (an ensemble's mean, ODIN's quality output); an ensemble's heads also travel in
+`rewardlab_heads.safetensors`, so `score` and `serve` report their spread.
 
 The export checks itself: rewardlab and plain transformers score the same token ids, right- and
 left-padded, and must agree to `tolerance`. A family whose `*ForSequenceClassification` reads
@@ -27,16 +29,17 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch import nn
+from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from rewardlab import __version__
 from rewardlab.data.batching import pad_sequences
 from rewardlab.errors import one_line_errors
+from rewardlab.heads import Head
 from rewardlab.model import RewardModel
 from rewardlab.run import load_run, score_pairs, split_datamodule
 from rewardlab.runfolder import claimed
-from rewardlab.scoring import modeling_module
+from rewardlab.scoring import HEADS_FILE, head_module_name, modeling_module
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ def choose_pad(tokenizer: PreTrainedTokenizerBase, sequences: list[np.ndarray]) 
     return True
 
 
-def native_model(backbone: PreTrainedModel, head: nn.Linear) -> PreTrainedModel | None:
+def native_model(backbone: PreTrainedModel, weight: torch.Tensor) -> PreTrainedModel | None:
     """The family's own *ForSequenceClassification with the trained weights, or None if it has none."""
     config = backbone.config.__class__.from_dict(backbone.config.to_dict())
     config.num_labels = 1
@@ -73,21 +76,20 @@ def native_model(backbone: PreTrainedModel, head: nn.Linear) -> PreTrainedModel 
     except ValueError:
         return None
     missing, unexpected = model.base_model.load_state_dict(backbone.state_dict(), strict=False)
-    heads = [
-        m
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and m.out_features == 1 and not n.startswith(model.base_model_prefix)
-    ]
-    if unexpected or len(heads) != 1 or any("pooler" not in k for k in missing):
+    try:
+        head = model.get_submodule(head_module_name(model))
+    except ValueError:
+        return None
+    if unexpected or any("pooler" not in k for k in missing):
         return None
     with torch.no_grad():
-        heads[0].weight.copy_(head.weight)
-        if heads[0].bias is not None:
-            heads[0].bias.zero_()
+        head.weight.copy_(weight)
+        if head.bias is not None:
+            head.bias.zero_()
     return model
 
 
-def remote_code_model(backbone: PreTrainedModel, head: nn.Linear, pooling: str) -> PreTrainedModel:
+def remote_code_model(backbone: PreTrainedModel, weight: torch.Tensor, pooling: str) -> PreTrainedModel:
     """rewardlab's own model (`rewardlab.scoring.MODELING`) with the trained weights and pooling."""
     module = modeling_module(backbone.config.model_type)
     module.RewardlabConfig.register_for_auto_class()
@@ -98,7 +100,7 @@ def remote_code_model(backbone: PreTrainedModel, head: nn.Linear, pooling: str) 
     model = module.RewardlabForSequenceClassification(config)
     model.model.load_state_dict(backbone.state_dict(), strict=False)
     with torch.no_grad():
-        model.score.weight.copy_(head.weight)
+        model.score.weight.copy_(weight)
     return model
 
 
@@ -157,7 +159,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             "for those, train with model.pooling=last",
             model.pooling,
         )
-    hf = None if remote or model.pooling != "last" else native_model(backbone, model.head)
+    weight = model.head.reward_weight().detach().float()
+    hf = None if remote or model.pooling != "last" else native_model(backbone, weight)
     if hf is not None:
         diff = prepare(hf, tokenizer, added_pad, reference, sample)
         if diff > cfg.tolerance:
@@ -171,7 +174,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                 f"{type(backbone).__name__}: its *ForSequenceClassification does not give rewardlab's "
                 "scores; export with remote_code=auto to write a modeling file instead"
             )
-        hf, remote = remote_code_model(backbone, model.head, model.pooling), True
+        hf, remote = remote_code_model(backbone, weight, model.pooling), True
         diff = prepare(hf, tokenizer, added_pad, reference, sample)
         if diff > cfg.tolerance:
             raise RuntimeError(f"export does not reproduce rewardlab's scores (max |diff| {diff:.2e})")
@@ -189,6 +192,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "pooling": model.pooling,
         "normalization": {"split": split, "source": dataset.meta["source"], "responses": int(len(rewards))},
         "parity_max_abs_diff": diff,
+        "head": heads_info(model.head, hf, cfg.dtype),
     }
     hf.config.reward_mean = float(rewards.mean())
     hf.config.reward_std = float(rewards.std())
@@ -201,6 +205,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     try:
         hf.to(getattr(torch, cfg.dtype)).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if info["head"]["file"]:
+            save_file({"weight": model.head.weight.detach().float().contiguous()}, tmp / HEADS_FILE)
         log.info(
             "exported %s (%s, parity %.1e, reward mean %.3f std %.3f) to %s",
             type(hf).__name__,
@@ -229,6 +235,19 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     finally:  # gone once renamed into place; removes a half-written export after an error
         shutil.rmtree(tmp, ignore_errors=True)
     return info
+
+
+def heads_info(head: Head, hf: PreTrainedModel, dtype: str) -> dict[str, Any]:
+    """What the export says of the head: its kind and outputs, and for a head with uncertainty (an
+    ensemble) the file holding every head's weights (float32), the module of `hf` that computes the
+    reward and the dtype the model was saved in (its weight is the heads' mean rounded to it)."""
+    return {
+        "kind": head.kind,
+        "outputs": int(head.weight.shape[0]),
+        "file": HEADS_FILE if head.uncertain else None,
+        "module": head_module_name(hf) if head.uncertain else None,
+        "dtype": dtype if head.uncertain else None,
+    }
 
 
 def check_output_dir(out: Path, ckpt_path: Path, overwrite: bool) -> None:

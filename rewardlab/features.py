@@ -110,32 +110,32 @@ class TrunkCache:
 
     def __init__(self, trunk: FrozenTrunk, caches: dict[str, FeatureCache]):
         self.trunk, self.caches = trunk, caches
-        self.outputs: dict[int, int | None] = {}  # block -> its output tuple's length (None: a bare tensor)
+        self.block_outputs: dict[int, int | None] = {}  # block -> its output tuple's length (None: a bare tensor)
 
-    def rewards(self, model: Any, batch: dict[str, Tensor], split: str) -> Tensor:
-        """Rewards `(2B,)` of a batch of `split` through `model` (a RewardModel)."""
+    def outputs(self, model: Any, batch: dict[str, Tensor], split: str) -> Tensor:
+        """Head outputs `(2B, outputs)` of a batch of `split` through `model` (a RewardModel)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         cache, sequences = self.caches[split], sequence_ids(batch["index"])
         stored = cache.lookup(sequences)
         if self.trunk.n_frozen is None:  # the whole backbone is frozen: the pooled states
             if stored is not None:
-                return model.score(torch.from_numpy(np.concatenate(stored)).to(ids.device))
+                return model.head(torch.from_numpy(np.concatenate(stored)).to(ids.device))
             last = model.last_hidden(ids, mask)
             cache.store(sequences, [last[k : k + 1] for k in range(len(sequences))])
-            return model.score(last)
+            return model.head(last)
         blocks = model.backbone.get_submodule(self.trunk.blocks)
-        if stored is not None and self.outputs:  # the frozen blocks' output, placed at each real token
+        if stored is not None and self.block_outputs:  # the frozen blocks' output, placed at each real token
             # (the first batch of a process runs in full, to learn the blocks' output structure)
             features = torch.zeros(*ids.shape, cache.hidden, dtype=cache.dtype, device=ids.device)
             for k, values in enumerate(stored):
                 features[k, mask[k].bool()] = torch.from_numpy(values).to(ids.device, cache.dtype)
             with self._skip_blocks(blocks, features):
-                return model(ids, mask)
+                return model.outputs(ids, mask)
         captured: list[Tensor] = []
         with self._capture(blocks, captured):
-            rewards = model(ids, mask)
+            outputs = model.outputs(ids, mask)
         cache.store(sequences, [captured[0][k][mask[k].bool()] for k in range(len(sequences))])
-        return rewards
+        return outputs
 
     @contextmanager
     def _capture(self, blocks: nn.ModuleList, store: list[Tensor]) -> Iterator[None]:
@@ -144,7 +144,7 @@ class TrunkCache:
 
         def hook(i: int) -> Callable[..., None]:
             def record(module: nn.Module, args: Any, output: Any) -> None:
-                self.outputs[i] = None if isinstance(output, Tensor) else len(output)
+                self.block_outputs[i] = None if isinstance(output, Tensor) else len(output)
                 if i == last:
                     store.append(output if isinstance(output, Tensor) else output[0])
 
@@ -167,7 +167,7 @@ class TrunkCache:
         def replace(i: int) -> Callable[..., Any]:
             def forward(*args: Any, **kwargs: Any) -> Any:
                 out = features if i == n - 1 else (args[0] if args else kwargs["hidden_states"])
-                size = self.outputs[i]
+                size = self.block_outputs[i]
                 return out if size is None else (out,) + (None,) * (size - 1)
 
             return forward

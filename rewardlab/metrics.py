@@ -8,32 +8,64 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+STATES = ("pairs", "loss", "correct", "margin", "chosen", "rejected", "square")
+LENGTH_STATES = ("longer", "correct_longer", "shorter", "correct_shorter", "n", "x", "y", "xx", "yy", "xy")
+
 
 class PairMetrics(Metric):
-    """Loss, strict accuracy (a tie is wrong), margin, reward means and spread over an epoch;
-    sums, so they are exact over any batching and reduce across devices."""
+    """Loss, strict accuracy (a tie is wrong), margin, reward means and spread over an epoch; with the
+    responses' lengths, accuracy where the chosen response is the longer and where it is the shorter,
+    their mean (the length-controlled accuracy, both directions weighted equally) and the reward–length
+    correlation; with uncertainties, their mean. Sums, so they are exact over any batching and reduce
+    across devices."""
 
     full_state_update = False
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("pairs", "loss", "correct", "margin", "chosen", "rejected", "square"):
+        for name in (*STATES, *LENGTH_STATES, "uncertain", "uncertainty"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, chosen: Tensor, rejected: Tensor, loss: Tensor) -> None:
+    def update(
+        self,
+        chosen: Tensor,
+        rejected: Tensor,
+        loss: Tensor,
+        response_tokens: Tensor | None = None,
+        uncertainty: Tensor | None = None,
+    ) -> None:
+        """Rewards `(B,)`; `response_tokens` `(2B,)`: chosen's then rejected's; `uncertainty` `(B,)` per pair."""
         chosen, rejected = chosen.double(), rejected.double()
+        won = chosen > rejected
         self.pairs += chosen.numel()
         self.loss += loss.double() * chosen.numel()
-        self.correct += (chosen > rejected).sum()
+        self.correct += won.sum()
         self.margin += (chosen - rejected).sum()
         self.chosen += chosen.sum()
         self.rejected += rejected.sum()
         self.square += (chosen.square() + rejected.square()).sum()
+        if response_tokens is not None:
+            tokens = response_tokens.to(chosen.device).double()
+            gap = tokens[: len(chosen)] - tokens[len(chosen) :]
+            self.longer += (gap > 0).sum()
+            self.correct_longer += (won & (gap > 0)).sum()
+            self.shorter += (gap < 0).sum()
+            self.correct_shorter += (won & (gap < 0)).sum()
+            rewards = torch.cat([chosen, rejected])
+            self.n += rewards.numel()
+            self.x += tokens.sum()
+            self.y += rewards.sum()
+            self.xx += tokens.square().sum()
+            self.yy += rewards.square().sum()
+            self.xy += (tokens * rewards).sum()
+        if uncertainty is not None:
+            self.uncertain += uncertainty.numel()
+            self.uncertainty += uncertainty.double().sum()
 
     def compute(self) -> dict[str, Tensor]:
         n = self.pairs.clamp(min=1)
         mean = (self.chosen + self.rejected) / (2 * n)
-        return {
+        out = {
             "loss": self.loss / n,
             "acc": self.correct / n,
             "margin": self.margin / n,
@@ -41,34 +73,70 @@ class PairMetrics(Metric):
             "reward_rejected": self.rejected / n,
             "reward_std": (self.square / (2 * n) - mean.square()).clamp(min=0).sqrt(),
         }
+        if self.longer > 0 and self.shorter > 0:
+            out["acc_chosen_longer"] = self.correct_longer / self.longer
+            out["acc_chosen_shorter"] = self.correct_shorter / self.shorter
+            out["acc_length_controlled"] = (out["acc_chosen_longer"] + out["acc_chosen_shorter"]) / 2
+        if self.n > 1:
+            cov = self.xy / self.n - self.x * self.y / self.n**2
+            var = (self.xx / self.n - (self.x / self.n) ** 2) * (self.yy / self.n - (self.y / self.n) ** 2)
+            if var > 0:
+                out["length_reward_corr"] = cov / var.sqrt()
+        if self.uncertain > 0:
+            out["uncertainty"] = self.uncertainty / self.uncertain
+        return out
 
 
 class PairOutcomes:
-    """Each held-out pair's reward margin (chosen minus rejected), by pair index: what the report's
-    paired tests compare between runs scored on the same pairs."""
+    """Each held-out pair's rewards (and so its margin, chosen minus rejected), its responses' lengths in
+    tokens and (ensembles) its uncertainty, by pair index: what the report's paired tests compare between
+    runs scored on the same pairs, and what the test's length and uncertainty analyses read."""
+
+    FIELDS = {  # name -> dtype
+        "index": torch.long,
+        "chosen": torch.float64,
+        "rejected": torch.float64,
+        "chosen_tokens": torch.long,
+        "rejected_tokens": torch.long,
+        "uncertainty": torch.float64,
+    }
 
     def __init__(self) -> None:
-        self.index: list[Tensor] = []
-        self.margin: list[Tensor] = []
+        self.parts: dict[str, list[Tensor]] = {name: [] for name in self.FIELDS}
 
-    def update(self, index: Tensor, chosen: Tensor, rejected: Tensor) -> None:
-        self.index.append(index.detach().cpu().long())
-        self.margin.append((chosen - rejected).detach().cpu().double())
+    def update(
+        self, index: Tensor, chosen: Tensor, rejected: Tensor, response_tokens: Tensor, uncertainty: Tensor | None
+    ) -> None:
+        n = len(index)
+        values = {
+            "index": index,
+            "chosen": chosen,
+            "rejected": rejected,
+            "chosen_tokens": response_tokens[:n],
+            "rejected_tokens": response_tokens[n:],
+            "uncertainty": torch.full((n,), float("nan")) if uncertainty is None else uncertainty,
+        }
+        for name, value in values.items():
+            self.parts[name].append(value.detach().cpu().to(self.FIELDS[name]))
 
-    def compute(self) -> tuple[Tensor, Tensor]:
-        """(index, margin), each pair once (a distributed sampler repeats some to even out ranks),
-        gathered from every rank, sorted by index."""
-        index = torch.cat(self.index) if self.index else torch.zeros(0, dtype=torch.long)
-        margin = torch.cat(self.margin) if self.margin else torch.zeros(0, dtype=torch.float64)
+    def compute(self) -> dict[str, Tensor]:
+        """Each field `(pairs,)` and `margin`, each pair once (a distributed sampler repeats some to even
+        out ranks), gathered from every rank, sorted by index."""
+        fields = {
+            name: torch.cat(parts) if parts else torch.zeros(0, dtype=self.FIELDS[name])
+            for name, parts in self.parts.items()
+        }
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, (index, margin))
-            index, margin = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        order = torch.argsort(index, stable=True)
-        index, margin = index[order], margin[order]
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, fields)
+            fields = {name: torch.cat([g[name] for g in gathered]) for name in self.FIELDS}
+        order = torch.argsort(fields["index"], stable=True)
+        fields = {name: value[order] for name, value in fields.items()}
+        index = fields["index"]
         first = torch.ones_like(index, dtype=torch.bool)
         first[1:] = index[1:] != index[:-1]
-        return index[first], margin[first]
+        once = {name: value[first] for name, value in fields.items()}
+        return once | {"margin": once["chosen"] - once["rejected"]}
 
     def reset(self) -> None:
-        self.index, self.margin = [], []
+        self.parts = {name: [] for name in self.FIELDS}

@@ -1,16 +1,16 @@
-"""The reward model: a transformer backbone, a linear head on the last real token, a pairwise loss.
+"""The reward model: a transformer backbone, a head on the last real token, a pairwise loss.
 
 r(x, y) = head(h_last), where h_last is the backbone's final hidden state at the last position
 whose attention mask is 1 (`model.pooling=last`; `mean` averages the real tokens' states, `first`
-reads the first real token's, BERT's [CLS]). Chosen and rejected sequences go through the backbone in one
-concatenated `(2B, L)` batch; the first B rewards are the chosen ones.
+reads the first real token's, BERT's [CLS]). The head (`conf/head/`, `rewardlab.heads`) is one linear
+output or several (an ensemble, ODIN's quality and length); the reward is made of them. Chosen and
+rejected sequences go through the backbone in one concatenated `(2B, L)` batch; the first B are chosen.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,23 +25,14 @@ from rewardlab.checks import ConfigError
 from rewardlab.data.rows import DataError
 from rewardlab.features import FrozenTrunk, TrunkCache, open_trunk_cache
 from rewardlab.freeze import eval_frozen, modules_after_blocks
+from rewardlab.heads import Head
 from rewardlab.losses import Loss
 from rewardlab.metrics import PairMetrics, PairOutcomes
+from rewardlab.pooling import choose_pooling, pool, position_ids
 from rewardlab.shared_prompt import SharedBatch, as_kind, decide_sharing, mask_kind, pack
 from rewardlab.speed import ActivationEstimate, free_memory_bytes
 
 log = logging.getLogger(__name__)
-
-
-def last_token_index(attention_mask: Tensor) -> Tensor:
-    """Position of the last 1 in each row of the mask: right or left padding give the same token."""
-    width = attention_mask.shape[-1]
-    return width - 1 - attention_mask.flip(-1).int().argmax(-1)
-
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """0, 1, 2, ... counted over real tokens only, so left padding does not shift positions."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _disable_dropout(module: nn.Module) -> None:
@@ -54,38 +45,8 @@ def _disable_dropout(module: nn.Module) -> None:
                 setattr(m, attr, 0.0)
 
 
-POOLINGS = ("last", "mean", "first")
-
-
-def is_causal(backbone: PreTrainedModel) -> bool:
-    """Whether a token's final state ignores the tokens after it (a decoder), probed on 6 random
-    tokens with a private generator (the global random state does not move)."""
-    vocab = backbone.config.get_text_config().vocab_size
-    ids = torch.randint(3, max(4, min(vocab, 1000)), (1, 6), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(backbone.device)
-    was_training = backbone.training
-    backbone.eval()
-    with torch.no_grad():
-        full = backbone(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[:, :3]
-        part = backbone(input_ids=ids[:, :3], attention_mask=torch.ones_like(ids[:, :3])).last_hidden_state
-    backbone.train(was_training)
-    return bool((full - part).abs().max() <= 1e-5 * part.abs().max().clamp(min=1))
-
-
-def choose_pooling(backbone: PreTrainedModel, pooling: str) -> str:
-    """`model.pooling`: auto reads the last real token of a decoder (the one that has seen the whole
-    text) and the first of an encoder ([CLS], trained to sum up the text: for MiniLM on the development
-    pairs the best of last, mean and first; see docs/BENCHMARKS.md)."""
-    if pooling == "auto":
-        pooling = "last" if is_causal(backbone) else "first"
-        log.info("pooling auto: %s (%s backbone)", pooling, "causal" if pooling == "last" else "bidirectional")
-    if pooling not in POOLINGS:
-        raise ConfigError(f"model.pooling: expected auto or one of {', '.join(POOLINGS)}, got {pooling!r}")
-    return pooling
-
-
 class RewardModel(L.LightningModule):
-    """Backbone + scalar head + pairwise loss, with optimizer and schedule built from `conf/`."""
+    """Backbone + reward head + pairwise loss, with optimizer and schedule built from `conf/`."""
 
     def __init__(
         self,
@@ -94,6 +55,7 @@ class RewardModel(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None,
         freeze: Callable[[RewardModel], FrozenTrunk | None],
+        head: Callable[[int, float | None], Head],
         head_lr_mult: float,
         head_init_std: float | None,
         gradient_checkpointing: bool | str,
@@ -110,8 +72,8 @@ class RewardModel(L.LightningModule):
         if disable_dropout:
             _disable_dropout(backbone)
         hidden = backbone.config.get_text_config().hidden_size
-        self.head = nn.Linear(hidden, 1, bias=False)
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(hidden + 1) if head_init_std is None else head_init_std)
+        self.head = head(hidden, head_init_std)
+        self.head.check(loss)
         self.loss_fn, self.optimizer_factory, self.scheduler_factory = loss, optimizer, scheduler
         self.head_lr_mult = head_lr_mult
         self.pass_positions = "position_ids" in inspect.signature(backbone.forward).parameters
@@ -167,29 +129,22 @@ class RewardModel(L.LightningModule):
         self.attention_for(input_ids.shape[1])
         extra = {"position_ids": position_ids(attention_mask)} if self.pass_positions else {}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        if self.pooling == "mean":
-            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * weights).sum(1) / weights.sum(1)
-        if self.pooling == "first":
-            return hidden[rows, attention_mask.int().argmax(-1)]
-        return hidden[rows, last_token_index(attention_mask)]
+        return pool(hidden, attention_mask, self.pooling)
 
-    def score(self, last: Tensor) -> Tensor:
-        """The head, in float32 even under mixed precision (it runs outside autocast)."""
-        with torch.autocast(device_type=last.device.type, enabled=False):
-            return self.head(last.float()).squeeze(-1)
+    def outputs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The head's outputs for each sequence, `(N, outputs)`, float32 (a linear head: `(N, 1)`, the reward)."""
+        return self.head(self.last_hidden(input_ids, attention_mask))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Rewards, shape `(N,)`, float32."""
-        return self.score(self.last_hidden(input_ids, attention_mask))
+        return self.head.reward(self.outputs(input_ids, attention_mask))
 
-    def pair_rewards(self, batch: dict[str, Tensor], split: str | None = None) -> tuple[Tensor, Tensor]:
-        """Rewards of chosen and rejected from one `(2B, L)` pass; with a feature cache for `split`,
-        the frozen trunk's outputs are read back instead of recomputed."""
+    def pair_outputs(self, batch: dict[str, Tensor], split: str | None = None) -> tuple[Tensor, Tensor]:
+        """Head outputs of chosen and rejected `(B, outputs)` from one `(2B, L)` pass; with a feature
+        cache for `split`, the frozen trunk's outputs are read back instead of recomputed."""
         if self.trunk_cache is not None and split in self.trunk_cache.caches:
-            return self.trunk_cache.rewards(self, batch, split).chunk(2)
-        return self.batch_rewards(batch).chunk(2)
+            return self.trunk_cache.outputs(self, batch, split).chunk(2)
+        return self.batch_outputs(batch).chunk(2)
 
     def shared_hidden(self, packed: SharedBatch) -> Tensor:
         """Final hidden states where `packed` reads its rewards: chosen ones, then rejected ones."""
@@ -201,8 +156,8 @@ class RewardModel(L.LightningModule):
         ).last_hidden_state
         return hidden.flatten(0, 1)[packed.read.to(self.device)]
 
-    def batch_rewards(self, batch: dict[str, Any]) -> Tensor:
-        """Rewards of a batch's `(2B, L)` sequences: with a shared prompt, one row per pair where that
+    def batch_outputs(self, batch: dict[str, Any]) -> Tensor:
+        """Head outputs of a batch's `(2B, L)` sequences: with a shared prompt, one row per pair where that
         processes fewer tokens; else where the collator grouped them by length (`chunks`), one pass per
         group, each only as wide as its own longest sequence."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -211,14 +166,14 @@ class RewardModel(L.LightningModule):
             if packed.tokens < batch.get("padded_tokens", ids.numel()):
                 batch["padded_tokens"] = packed.tokens  # what this pass processes, for the throughput
                 batch["processed_real_tokens"] = packed.real_tokens
-                return self.score(self.shared_hidden(packed))
+                return self.head(self.shared_hidden(packed))
         if "chunks" not in batch:
-            return self(ids, mask)
+            return self.outputs(ids, mask)
         right = bool(mask[:, 0].all())  # right padding: every row starts with a real token
         parts = []
         for rows, width in zip(batch["chunks"], batch["chunk_widths"]):
             cols = slice(0, width) if right else slice(ids.shape[1] - width, None)
-            parts.append(self(ids[rows][:, cols], mask[rows][:, cols]))
+            parts.append(self.outputs(ids[rows][:, cols], mask[rows][:, cols]))
         return torch.cat(parts)[torch.argsort(torch.cat(batch["chunks"]))]
 
     def setup(self, stage: str) -> None:
@@ -231,6 +186,8 @@ class RewardModel(L.LightningModule):
             return
         if isinstance(self.loss_fn, Loss) and self.loss_fn.needs_margin:
             self._check_margins(datamodule)
+        if stage == "fit" and datamodule.has("train"):
+            self.head.prepare(datamodule.pairs_in("train"))
         if stage == "fit" and self.trunk is not None and self.feature_cache_dir is not None:
             self.train()  # frozen modules in eval mode, as they will run
             self.trunk_cache = open_trunk_cache(
@@ -314,10 +271,32 @@ class RewardModel(L.LightningModule):
             else:
                 self.backbone.gradient_checkpointing_disable()
 
-    def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor, Tensor]:
-        chosen, rejected = self.pair_rewards(batch, split)
-        loss = self.loss_fn(chosen, rejected, batch["margin"])
-        return loss, chosen, rejected
+    def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(what training minimises, the loss of the reward, chosen's and rejected's head outputs `(B, outputs)`).
+        A head with an objective of its own (ensemble, ODIN) trains on it and logs it as `train/objective`
+        with its parts; the metrics' loss is always the pairwise loss of the reward, comparable across heads."""
+        chosen, rejected = self.pair_outputs(batch, split)
+        loss = self.loss_fn(self.head.reward(chosen), self.head.reward(rejected), batch["margin"])
+        if split != "train" or type(self.head).objective is Head.objective:
+            return loss, loss, chosen, rejected
+        objective, parts = self.head.objective(self.loss_fn, chosen, rejected, batch)
+        for name, value in {"objective": objective, **parts}.items():
+            self.log(f"train/{name}", value, batch_size=chosen.shape[0])  # per step, this rank's
+        return objective, loss, chosen, rejected
+
+    def _update_metrics(
+        self, split: str, batch: dict[str, Tensor], chosen: Tensor, rejected: Tensor, loss: Tensor
+    ) -> None:
+        """Epoch metrics of the rewards, with the responses' lengths and (ensembles) the pairs' uncertainty:
+        the spread of the heads' margins."""
+        chosen, rejected, head = chosen.detach(), rejected.detach(), self.head
+        self._metrics(split).update(
+            head.reward(chosen),
+            head.reward(rejected),
+            loss.detach(),
+            batch["response_tokens"],
+            head.uncertainty(chosen - rejected),
+        )
 
     def _finite(self, loss: Tensor, batch: dict[str, Tensor], batch_idx: int) -> bool:
         """A NaN or inf loss stops the run naming the step and the pairs; with `skip_nonfinite` the
@@ -342,25 +321,26 @@ class RewardModel(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         self._checkpoint_if_needed(batch)
-        loss, chosen, rejected = self._step(batch, "train")
-        if not self._finite(loss, batch, batch_idx):
+        objective, loss, chosen, rejected = self._step(batch, "train")
+        if not self._finite(objective, batch, batch_idx):
             return None  # Lightning skips backward and the optimizer step
-        self.train_metrics.update(chosen.detach(), rejected.detach(), loss.detach())
-        n = chosen.numel()
+        self._update_metrics("train", batch, chosen, rejected, loss)
+        n = chosen.shape[0]
+        won = (self.head.reward(chosen) > self.head.reward(rejected)).float().mean()
         self.log("train/loss_step", loss, prog_bar=True, batch_size=n, sync_dist=True)  # mean over devices
-        self.log("train/acc_step", (chosen > rejected).float().mean(), prog_bar=True, batch_size=n, sync_dist=True)
-        return loss
-
-    def _evaluate(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
-        loss, chosen, rejected = self._step(batch, split)
-        self._metrics(split).update(chosen.detach(), rejected.detach(), loss.detach())
-        return chosen, rejected
+        self.log("train/acc_step", won, prog_bar=True, batch_size=n, sync_dist=True)
+        return objective
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        _, loss, chosen, rejected = self._step(batch, "val")
+        self._update_metrics("val", batch, chosen, rejected, loss)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.test_outcomes.update(batch["index"], *self._evaluate(batch, "test"))
+        _, loss, chosen, rejected = self._step(batch, "test")
+        self._update_metrics("test", batch, chosen, rejected, loss)
+        head = self.head
+        c, r = head.reward(chosen), head.reward(rejected)
+        self.test_outcomes.update(batch["index"], c, r, batch["response_tokens"], head.uncertainty(chosen - rejected))
 
     def on_test_epoch_start(self) -> None:
         self.test_outcomes.reset()

@@ -29,13 +29,20 @@ from rewardlab.stats import Paired, mean_ci, paired_bootstrap
 
 SEED = "seed"
 UNSET = "(unset)"  # a key a job's command line did not set
-METRICS = ("acc", "loss", "wall_s", "pairs_per_s", "trainable")  # per group: mean and 95% CI over seeds
+# per group: mean and 95% CI over seeds; the length and uncertainty ones show only where a group has them
+METRICS = ("acc", "loss", "wall_s", "pairs_per_s", "trainable", "acc_lc", "length_corr", "auroc", "margin_auroc")
+
+
+OPTIONAL = {"acc_lc": "length-controlled acc", "length_corr": "reward–length corr", "auroc": "uncertainty AUROC",
+            "margin_auroc": "|margin| AUROC"}  # fmt: skip
 
 
 def headline(acc_key: str) -> dict[str, str]:
     """The results.json key of each headline metric: held-out means test when the jobs were tested."""
-    tested = acc_key == "test/acc"
-    return {"acc": acc_key, "loss": "test/loss" if tested else "val/loss", "wall_s": "wall_s",
+    split = "test" if acc_key == "test/acc" else "val"
+    return {"acc": acc_key, "acc_lc": f"{split}/acc_length_controlled", "length_corr": f"{split}/length_reward_corr",
+            "auroc": "test/uncertainty_auroc", "margin_auroc": "test/margin_auroc", "loss": f"{split}/loss",
+            "wall_s": "wall_s",
             "pairs_per_s": "train/pairs_per_s", "trainable": "params/trainable"}  # fmt: skip
 
 
@@ -272,8 +279,10 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def group_table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     keys = list(groups[0].overrides) if groups else []
+    shown = {m: any(math.isfinite(g.stats[m][0]) for g in groups) for m in OPTIONAL}
     header = [*keys, "seeds", "failed", "acc (95% CI)", "Δ vs best, points (95% CI)", "p vs best", "pairs",
-              "loss", "wall s", "pairs/s", "trainable params"]  # fmt: skip
+              *(name for m, name in OPTIONAL.items() if shown[m]), "loss", "wall s", "pairs/s",
+              "trainable params"]  # fmt: skip
     rows = []
     for g in groups:
         d = g.vs_best
@@ -284,8 +293,9 @@ def group_table(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
             diff, p, pairs = ("best" if g.is_best else "", g.why_no_test, "")
         trainable = f"{g.stats['trainable'][0]:,.0f}" if math.isfinite(g.stats["trainable"][0]) else ""
         rows.append([*g.overrides.values(), str(len(g.ok)), str(len(g.jobs) - len(g.ok)), _interval(g.stats["acc"]),
-                     diff, p, pairs, _interval(g.stats["loss"]), _interval(g.stats["wall_s"], 1),
-                     _interval(g.stats["pairs_per_s"], 1), trainable])  # fmt: skip
+                     diff, p, pairs, *(_interval(g.stats[m], 2 if m == "length_corr" else 3) for m in OPTIONAL
+                                       if shown[m]), _interval(g.stats["loss"]),
+                     _interval(g.stats["wall_s"], 1), _interval(g.stats["pairs_per_s"], 1), trainable])  # fmt: skip
     return header, rows
 
 

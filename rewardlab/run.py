@@ -22,7 +22,14 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from rewardlab import PACKAGE
-from rewardlab.checkpoints import MODEL_GROUPS, checked_config, read_checkpoint, stored_config
+from rewardlab.checkpoints import (
+    MODEL_GROUPS,
+    UntrustedCheckpoint,
+    checked_config,
+    linear_head,
+    read_checkpoint,
+    stored_config,
+)
 from rewardlab.checks import ConfigError, check_max_length, check_ranges, check_types
 from rewardlab.data.formatting import ensure_pad_token
 from rewardlab.data.module import PreferenceDataModule
@@ -48,7 +55,7 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
 
 def build_model(cfg: DictConfig, backbone: Any) -> RewardModel:
-    """The LightningModule from `cfg.model` and its groups (loss, optimizer, scheduler, freeze)."""
+    """The LightningModule from `cfg.model` and its groups (loss, optimizer, scheduler, freeze, head)."""
     model = instantiate(
         cfg.model,
         backbone=backbone,
@@ -56,6 +63,7 @@ def build_model(cfg: DictConfig, backbone: Any) -> RewardModel:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler),
         freeze=instantiate(cfg.freeze),
+        head=instantiate(cfg.head),
     )
     model.run_config = redact(OmegaConf.to_container(cfg, resolve=True))
     return model
@@ -176,9 +184,19 @@ def load_run(
     if cache_dir is not None and "cache_dir" in cfg.backbone:
         cfg.backbone.cache_dir = str(Path(cache_dir) / "models")
     cfg.model.feature_cache_dir = None
+    for group in MODEL_GROUPS:  # what training checks before building, checked again: the file may be anyone's
+        check_types(cfg.get(group), group)
+    check_ranges(cfg)
     backbone = instantiate(cfg.backbone)
     model = build_model(cfg, backbone.model)
-    model.load_state_dict(checkpoint["state_dict"])
+    state = checkpoint["state_dict"]
+    for name, value in model.state_dict().items():
+        if name in state and state[name].shape != value.shape:
+            raise UntrustedCheckpoint(
+                f"{ckpt_path}: '{name}' has shape {tuple(state[name].shape)}, but the model its config describes "
+                f"(head {cfg.head.get('_target_')}) has {tuple(value.shape)}; nothing was loaded"
+            )
+    model.load_state_dict(state)
     ensure_pad_token(backbone.tokenizer)
     return cfg, model.eval(), backbone.tokenizer
 
@@ -192,6 +210,9 @@ def fill_newer_keys(cfg: DictConfig, ckpt_path: str) -> None:
         "data": OmegaConf.load(conf / "data" / "default.yaml"),
     }
     added = []
+    if "head" not in cfg:
+        cfg.head = linear_head()
+        added.append("head=linear")
     for node, defaults in packaged.items():
         if node not in cfg:
             continue
@@ -236,17 +257,22 @@ def move_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any
 
 @torch.inference_mode()
 def score_pairs(model: RewardModel, loader: DataLoader, bf16: bool = False) -> dict[str, np.ndarray]:
-    """Rewards of chosen and rejected for every pair the loader yields, in pair-index order."""
-    chosen, rejected, index = [], [], []
+    """Rewards of chosen and rejected for every pair the loader yields, in pair-index order; for a head
+    with uncertainty also each pair's (`uncertainty`: the spread of its heads' margins) and each
+    response's (`chosen_std`, `rejected_std`)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    head = model.head
     for batch in loader:
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-            c, r = model.pair_rewards(move_to_device(batch, model.device))
-        chosen.append(c.float().cpu())
-        rejected.append(r.float().cpu())
-        index.append(batch["index"])
-    order = torch.cat(index).argsort()
+            c, r = model.pair_outputs(move_to_device(batch, model.device))
+        found = {"chosen": head.reward(c), "rejected": head.reward(r), "index": batch["index"]}
+        if head.uncertainty(c) is not None:
+            found |= {"uncertainty": head.uncertainty(c - r), "chosen_std": head.uncertainty(c),
+                      "rejected_std": head.uncertainty(r)}  # fmt: skip
+        for name, value in found.items():
+            parts.setdefault(name, []).append(value.detach().cpu())
+    order = torch.cat(parts["index"]).argsort()
     return {
-        "chosen": torch.cat(chosen)[order].numpy().astype(np.float64),
-        "rejected": torch.cat(rejected)[order].numpy().astype(np.float64),
-        "index": torch.cat(index)[order].numpy(),
+        name: torch.cat(values)[order].numpy() if name == "index" else torch.cat(values)[order].double().numpy()
+        for name, values in parts.items()
     }

@@ -5,7 +5,8 @@ Input rows are `{prompt, response}` or any pair schema of training (`{prompt, ch
 conversational, implicit; each file's schema decided from all its rows). Texts are formatted and
 truncated exactly as in training (the export records how) and scored by plain transformers in
 length-sorted batches. Every output row keeps all input fields and adds `reward` (per response),
-`reward_normalized` when the export has statistics, and `text`: the formatted text that was scored
+`reward_normalized` when the export has statistics, `reward_std` for an ensemble's export (the
+standard deviation of its heads' rewards, in reward units), and `text`: the formatted text that was scored
 (when it had to be cut to `max_length`, the kept tokens decoded). The ids are the ones training gives
 the same pair.
 
@@ -53,6 +54,7 @@ from rewardlab.scoring import Scorer
 log = logging.getLogger(__name__)
 
 ADDED = ("reward", "reward_normalized", "text", "error")  # an input row holding one is kept under `input`
+ADDED_WITH_STD = (*ADDED, "reward_std")  # the same for an ensemble's export
 
 
 def _plain(value: Any) -> Any:
@@ -247,20 +249,23 @@ def _score_chunk(chunk: list, scorer: Scorer, cfg: DictConfig, bar: _Bar) -> Ite
             errors[i] = result.message()
         else:
             jobs += [(i, *job) for job in result]
-    rewards = scorer.score([ids for *_, ids in jobs], bar)
+    sequences = [ids for *_, ids in jobs]
+    scored = scorer.score(sequences, bar, with_std=True) if scorer.has_std else scorer.score(sequences, bar)[:, None]
     results: dict[int, dict[str, Any]] = {}
-    for (i, side, text, _), reward in zip(jobs, rewards):
+    for (i, side, text, _), values in zip(jobs, scored):
         out = results.setdefault(i, {})
+        reward = float(values[0])
         for key, value in (
-            ("reward", float(reward)),
-            ("reward_normalized", scorer.normalized(float(reward))),
+            ("reward", reward),
+            ("reward_normalized", scorer.normalized(reward)),
+            ("reward_std", float(values[1]) if len(values) > 1 else None),
             ("text", text),
         ):
             if value is not None:
                 out[key] = value if side is None else {**out.get(key, {}), side: value}
     for i, (_, row, _) in enumerate(chunk):
         base = row.row if isinstance(row, BadRow) else row
-        if not isinstance(base, dict) or any(key in base for key in ADDED):
+        if not isinstance(base, dict) or any(key in base for key in (ADDED_WITH_STD if scorer.has_std else ADDED)):
             base = {"input": base}  # kept whole, not overwritten by what the output adds
         yield ({**base, "error": errors[i]}, False) if i in errors else ({**base, **results[i]}, True)
 

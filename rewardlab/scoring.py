@@ -4,7 +4,9 @@ Opening a folder runs no code from it: a native export loads with plain transfor
 carries rewardlab's `modeling_rewardlab.py` is opened only if that file is exactly what
 `rewardlab.export` writes for its backbone family; its classes then come from rewardlab itself, so
 no `trust_remote_code` is needed. Texts are formatted and truncated by `rewardlab.data.formatting`,
-as in training. No Lightning here.
+as in training. An ensemble's export also carries every head (`rewardlab_heads.safetensors`, plain
+tensors): scoring then reads the reward module's input as well and reports the heads' spread. No
+Lightning here.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import sys
 import tempfile
 import types
@@ -20,6 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -28,10 +34,13 @@ from rewardlab.data.batching import pad_sequences
 from rewardlab.data.formatting import Formatter, truncate
 from rewardlab.data.rows import DataError
 from rewardlab.errors import UserError
+from rewardlab.heads import EnsembleHead, Head
+from rewardlab.pooling import last_token_index
 
 log = logging.getLogger(__name__)
 
 MODELING_FILE = "modeling_rewardlab.py"
+HEADS_FILE = "rewardlab_heads.safetensors"
 AUTO_MAP = {
     "AutoConfig": "modeling_rewardlab.RewardlabConfig",
     "AutoModelForSequenceClassification": "modeling_rewardlab.RewardlabForSequenceClassification",
@@ -166,13 +175,97 @@ def open_export(folder: Path, trust_remote_code: bool, dtype: torch.dtype) -> tu
     return model.eval(), tokenizer, config
 
 
+def head_module_name(model: PreTrainedModel) -> str:
+    """The name of the module computing an exported model's one logit: its single-output linear layer
+    outside the backbone."""
+    found = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.out_features == 1 and not name.startswith(model.base_model_prefix)
+    ]
+    if len(found) != 1:
+        raise ValueError(f"{type(model).__name__}: expected one single-output linear head, found {found}")
+    return found[0]
+
+
+SAVED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def open_heads(folder: Path, info: dict[str, Any], model: PreTrainedModel) -> tuple[Head, nn.Linear] | None:
+    """An ensemble export's heads and the model's reward module, checked to agree (the mean of the heads,
+    rounded to the dtype the export was saved in and then to the one loaded, is the module's weight bit for
+    bit); None for an export with one head."""
+    head = info.get("head")
+    if head is None:  # exported before heads were a group: one linear head
+        return None
+    if not isinstance(head, dict) or not isinstance(head.get("kind"), str):
+        raise UntrustedExport(f"{folder}: config.json's rewardlab.head is not what rewardlab.export writes: {head!r}")
+    if head["kind"] != "ensemble":
+        if head.get("file") is not None or (folder / HEADS_FILE).exists():
+            raise UntrustedExport(
+                f"{folder}: rewardlab.head.kind {head['kind']!r} carries no heads file, but one is named or present"
+            )
+        return None
+    expected = {"file": HEADS_FILE, "module": "the name of the model's reward module", "dtype": "|".join(SAVED_DTYPES)}
+    for key, what in expected.items():
+        value = head.get(key)
+        if not isinstance(value, str) or (key != "module" and value not in what.split("|")):
+            raise UntrustedExport(
+                f"{folder}: config.json's rewardlab.head.{key} is {value!r}, expected {what} (an export of an older "
+                "rewardlab: export the checkpoint again)"
+            )
+    path = folder / HEADS_FILE
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise UntrustedExport(f"{path}: not a rewardlab heads file ({type(e).__name__}: {e})") from None
+    if set(tensors) != {"weight"} or tensors["weight"].dtype != torch.float32:
+        found = {name: str(t.dtype).removeprefix("torch.") for name, t in tensors.items()}
+        raise UntrustedExport(f"{path}: expected one float32 tensor 'weight', found {found}")
+    weight = tensors["weight"]
+    try:
+        module = model.get_submodule(head["module"])
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear) or module.out_features != 1:
+        raise UntrustedExport(f"{folder}: rewardlab.head.module {head['module']!r} is not the model's reward head")
+    outputs = head.get("outputs")
+    if weight.ndim != 2 or weight.shape != (outputs, module.in_features) or outputs < 2 or not weight.isfinite().all():
+        raise UntrustedExport(
+            f"{path}: expected finite weights of shape (rewardlab.head.outputs >= 2, {module.in_features}) = "
+            f"({outputs}, {module.in_features}), got {tuple(weight.shape)}"
+        )
+    ensemble = EnsembleHead(weight.shape[1], None, weight.shape[0], bootstrap=False, seed=0)
+    ensemble.weight.data.copy_(weight.float())
+    saved = ensemble.reward_weight().detach().to(getattr(torch, head["dtype"]))
+    if not torch.equal(saved.to(module.weight.dtype), module.weight.detach().cpu()):
+        raise UntrustedExport(f"{path}: the mean of its heads is not the model's reward head; not from this export")
+    return ensemble.eval().to(module.weight.device), module
+
+
+def statistics(config: dict[str, Any], folder: str) -> tuple[float | None, float | None]:
+    """The export's reward mean and std for normalising, or (None, None) with a warning when they are not a
+    finite number and a finite number > 0 (an export without validation data has none)."""
+    mean, std = config.get("reward_mean"), config.get("reward_std")
+    if mean is None and std is None:
+        return None, None
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (mean, std))
+    if not numbers or std <= 0:
+        log.warning("%s/config.json: reward_mean %r, reward_std %r are not usable statistics; no normalising",
+                    folder, mean, std)  # fmt: skip
+        return None, None
+    return float(mean), float(std)
+
+
 class Scorer:
     """An exported model folder: formats and tokenizes like training, scores in length-sorted batches."""
 
     def __init__(self, model_dir: str, trust_remote_code: bool, batch_size: int, dtype: str = "float32"):
         self.model, self.tokenizer, config = open_export(Path(model_dir), trust_remote_code, getattr(torch, dtype))
         self.info = config["rewardlab"]
-        self.mean, self.std = config.get("reward_mean"), config.get("reward_std")
+        self.heads = open_heads(Path(model_dir), self.info, self.model)
+        self.has_std = self.heads is not None  # an ensemble: rewards come with their heads' spread
+        self.mean, self.std = statistics(config, model_dir)
         self.max_length, self.batch_size = self.info["max_length"], batch_size
         self.formatter = Formatter(
             self.tokenizer,
@@ -213,20 +306,41 @@ class Scorer:
         return self.formatter.texts(prompt, response)[1]
 
     @torch.inference_mode()
-    def score(self, sequences: list[list[int]], progress: Any = None) -> np.ndarray:
-        """Rewards of token id sequences, computed in batches of similar length, in input order;
+    def score(self, sequences: list[list[int]], progress: Any = None, with_std: bool = False) -> np.ndarray:
+        """Rewards `(N,)` of token id sequences, computed in batches of similar length, in input order;
+        `with_std` (an ensemble's export): `(N, 2)`, each reward and the standard deviation of its heads.
         `progress` (a rich Progress) advances as batches finish."""
-        rewards = np.zeros(len(sequences))
+        if with_std and self.heads is None:
+            raise ValueError("with_std: this export has one head, no spread to report")
+        rewards = np.zeros((len(sequences), 2 if with_std else 1))
         order = np.argsort([-len(s) for s in sequences], kind="stable")
         task = progress.add_task("scoring", total=len(sequences)) if progress else None
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             input_ids, mask = pad_sequences([sequences[i] for i in chunk], self.tokenizer.pad_token_id)
-            logits = self.model(input_ids=input_ids.to(self.model.device), attention_mask=mask.to(self.model.device))
-            rewards[chunk] = logits.logits[:, 0].float().cpu().numpy()
+            input_ids, mask = input_ids.to(self.model.device), mask.to(self.model.device)
+            if with_std:
+                rewards[chunk] = self._with_std(input_ids, mask)
+            else:
+                rewards[chunk, 0] = self.model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().cpu()
             if progress:
                 progress.advance(task, len(chunk))
-        return rewards
+        return rewards if with_std else rewards[:, 0]
+
+    def _with_std(self, input_ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+        """`(N, 2)`: the model's reward, and the spread of the ensemble's heads on the state its reward
+        module reads (every position for a native model, which then picks the last real token)."""
+        heads, module = self.heads
+        seen: list[torch.Tensor] = []
+        handle = module.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+        try:
+            logits = self.model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float()
+        finally:
+            handle.remove()
+        state = seen[-1]
+        if state.ndim == 3:
+            state = state[torch.arange(len(state), device=state.device), last_token_index(mask)]
+        return torch.stack([logits, heads.uncertainty(heads(state.to(heads.weight.device)))], 1).cpu().numpy()
 
     def normalized(self, reward: float) -> float | None:
         return (reward - self.mean) / self.std if self.mean is not None and self.std else None

@@ -2,7 +2,9 @@
 `python -m rewardlab.serve model_dir=DIR [host=127.0.0.1] [port=8000]` (Starlette on uvicorn).
 
 OpenRLHF's remote reward protocol: `POST /get_reward` with `{"query": [full texts]}` answers
-`{"rewards": [...]}`; `{"prompts": [...], "responses": [...]}` is formatted as in training first.
+`{"rewards": [...]}` (an ensemble's export: `{"rewards": [...], "uncertainties": [...]}`, each reward's
+heads' standard deviation, scaled like the rewards when `normalize`); `{"prompts": [...], "responses":
+[...]}` is formatted as in training first.
 `GET /health` answers `{"status": "ok"}`. Concurrent requests share forward passes, so one client
 must not be able to hurt another: a request is read within `read_timeout_s` and `max_body_bytes`
 (counted on the bytes read), parsed and checked item by item before it joins a batch (a bad item
@@ -179,9 +181,15 @@ class RewardService:
     def __init__(self, cfg: DictConfig):
         self.cfg, self.token = cfg, auth_token(cfg)
         self.scorer = Scorer(cfg.model_dir, cfg.trust_remote_code, cfg.batch_size, cfg.dtype)
+        if cfg.normalize and self.scorer.std is None:
+            raise ValueError(
+                f"normalize=true: {cfg.model_dir}/config.json has no usable reward_mean and reward_std (finite, "
+                "std > 0); serve unnormalised rewards (normalize=false) or export again"
+            )
         tokenizer = self.scorer.tokenizer
         self.specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
-        self.batcher = Batcher(self.scorer.score, cfg.batch_size, cfg.max_wait_ms / 1000)
+        score = (lambda seqs: self.scorer.score(seqs, with_std=True)) if self.scorer.has_std else self.scorer.score
+        self.batcher = Batcher(score, cfg.batch_size, cfg.max_wait_ms / 1000)
         self.parser = ThreadPoolExecutor(1, thread_name_prefix="reward-parse")  # one tokenizer user at a time
 
     def authorize(self, request: Request) -> None:
@@ -278,9 +286,14 @@ class RewardService:
                 raise RequestError(503, f"no reward within request_timeout_s={self.cfg.request_timeout_s}") from None
         except RequestError as e:
             return error(e.status, str(e), e.headers)
+        answer = {"rewards": rewards}
+        if self.scorer.has_std:  # each item is [reward, spread]
+            answer = {"rewards": [r for r, _ in rewards], "uncertainties": [u for _, u in rewards]}
         if self.cfg.normalize:
-            rewards = [self.scorer.normalized(r) for r in rewards]
-        return JSONResponse({"rewards": rewards})
+            answer["rewards"] = [self.scorer.normalized(r) for r in answer["rewards"]]
+            if "uncertainties" in answer:  # in units of the statistics' std, as the rewards
+                answer["uncertainties"] = [u / self.scorer.std for u in answer["uncertainties"]]
+        return JSONResponse(answer)
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

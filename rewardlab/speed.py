@@ -187,15 +187,23 @@ def bf16_capable(accelerator: str) -> tuple[bool, str]:
 def _interleaved(model: PreTrainedModel, device: str, runs: list[tuple[str, str, int]]) -> list[float]:
     """Median seconds of a training step for each (attention, precision, width) in `runs`, measured three
     times interleaved (a busy moment of the machine weighs on all alike), in eval mode (dropout off, as
-    reward models train; gradients still flow). The global random state and the model's attention stay."""
+    reward models train; gradients still flow), on `device` (the model is moved there for the probe: it is
+    built on the CPU, and Lightning moves it later). The global random state, the model's attention and
+    its device stay."""
     was_training, attention = model.training, model.config._attn_implementation
+    home = next(model.parameters()).device
     times: list[list[float]] = [[] for _ in runs]
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
-        model.eval()
-        for _ in range(3):
-            for i, (name, precision, width) in enumerate(runs):
-                model.set_attn_implementation(name)
-                times[i].append(_train_step_seconds(model, device, precision, width))
+        model.eval().to(device)
+        try:
+            for _ in range(3):
+                for i, (name, precision, width) in enumerate(runs):
+                    model.set_attn_implementation(name)
+                    times[i].append(_train_step_seconds(model, device, precision, width))
+        finally:
+            model.to(home)
+            if device == "cuda":
+                torch.cuda.empty_cache()
     model.set_attn_implementation(attention)
     model.train(was_training)
     return [round(sorted(t)[1], 4) for t in times]

@@ -27,8 +27,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from rewardlab.analysis import length_accuracy, pearson, uncertainty_accuracy
 from rewardlab.callbacks import Throughput
-from rewardlab.checkpoints import UntrustedCheckpoint, checkpoint_file, read_checkpoint, stored_config
+from rewardlab.checkpoints import UntrustedCheckpoint, checkpoint_file, linear_head, read_checkpoint, stored_config
 from rewardlab.checks import ConfigError
 from rewardlab.data.module import PreferenceDataModule
 from rewardlab.errors import UserError, one_line_errors
@@ -86,11 +87,11 @@ FREE_ON_RESUME = {
     "model.checkpoint_above_tokens",  # in checkpoints from before it was removed
     "model.share_prompt",
 }
-COMPARED_ON_RESUME = ("seed", "data", "backbone", "loss", "freeze", "optimizer", "scheduler", "model")
+COMPARED_ON_RESUME = ("seed", "data", "backbone", "loss", "freeze", "optimizer", "scheduler", "model", "head")
 TRAINER_ON_RESUME = ("precision", "gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
 TRAINER_ON_RESUME += ("max_epochs", "max_steps")
 # Changes a checkpoint's weights or optimizer state cannot take, even when asked for.
-FIXED_ON_RESUME = ("backbone.", "freeze.", "optimizer._target_")
+FIXED_ON_RESUME = ("backbone.", "freeze.", "optimizer._target_", "head._target_", "head.k")
 
 
 def _flat(node: Any, key: str = "") -> dict[str, Any]:
@@ -116,6 +117,8 @@ def resume_changes(cfg: DictConfig, ckpt_path: str) -> list[str]:
         flat = _flat({k: v for k, v in config.items() if k in COMPARED_ON_RESUME or k == "trainer"})
         return {k: v for k, v in flat.items() if k not in FREE_ON_RESUME and (k in keep or k.split(".")[0] in keep)}
 
+    if "head" not in stored:
+        stored = {**stored, "head": linear_head()}
     before, after = compared(stored), compared(current)
     changes = [
         f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(before | after) if before.get(k) != after.get(k)
@@ -166,9 +169,10 @@ def fit_and_test(
         trainer.test(model, datamodule=datamodule, ckpt_path=best if best and not Path(best).is_file() else None)
         results |= {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         results["test/checkpoint"] = best or "final weights"
-        index, margin = model.test_outcomes.compute()  # on every rank: it gathers
+        outcomes = {k: v.numpy() for k, v in model.test_outcomes.compute().items()}  # every rank: it gathers
         if trainer.is_global_zero:
-            results |= write_test_pairs(Path(cfg.paths.output_dir), datamodule, index.numpy(), margin.numpy())
+            results |= write_test_pairs(Path(cfg.paths.output_dir), datamodule, outcomes["index"], outcomes["margin"])
+            results |= test_analysis(outcomes, cfg.uncertainty_quantiles)
     return results
 
 
@@ -186,6 +190,24 @@ def link_best(best: Path) -> Path:
         shutil.copyfile(best, tmp)
     os.replace(tmp, link)
     return link
+
+
+def test_analysis(outcomes: dict[str, np.ndarray], quantiles: int) -> dict[str, float]:
+    """Length-controlled accuracy and the reward–length correlation of the test pairs and, for a head with
+    uncertainty, its mean, AUROC as a predictor of a wrong pair (beside the AUROC of a small |margin|, the
+    model's own confidence, for comparison) and accuracy per quantile: from each pair once, like `test/acc`."""
+    margin, tokens = outcomes["margin"], np.concatenate([outcomes["chosen_tokens"], outcomes["rejected_tokens"]])
+    lengths = length_accuracy(margin, outcomes["chosen_tokens"], outcomes["rejected_tokens"])
+    out = {f"test/{k}": lengths[k] for k in ("acc_chosen_longer", "acc_chosen_shorter", "acc_length_controlled",
+                                             "pairs_chosen_longer", "pairs_chosen_shorter")}  # fmt: skip
+    out["test/length_reward_corr"] = pearson(tokens, np.concatenate([outcomes["chosen"], outcomes["rejected"]]))
+    uncertainty = outcomes["uncertainty"]
+    if len(uncertainty) and not np.isnan(uncertainty).any():
+        found = uncertainty_accuracy(margin, uncertainty, quantiles)
+        out |= {"test/uncertainty": found["uncertainty_mean"], "test/uncertainty_auroc": found["uncertainty_auroc"]}
+        out["test/margin_auroc"] = found["margin_auroc"]
+        out |= {f"test/acc_uncertainty_q{row['quantile']}": row["accuracy"] for row in found["accuracy_by_uncertainty"]}
+    return {k: v for k, v in out.items() if np.isfinite(v)}  # a side with no pair: no value
 
 
 def write_test_pairs(folder: Path, datamodule: PreferenceDataModule, index: np.ndarray, margin: np.ndarray) -> dict:

@@ -67,23 +67,31 @@ def make_cfg(tmp_path: Path, cache_dir: Path):
 
 
 def reward_model(
-    backbone, freeze=None, head_lr_mult: float = 1.0, disable_dropout: bool = False, share_prompt: bool | str = False
+    backbone,
+    freeze=None,
+    head_lr_mult: float = 1.0,
+    disable_dropout: bool = False,
+    share_prompt: bool | str = False,
+    head=None,
+    loss=None,
 ):
-    """A RewardModel with test defaults: Bradley–Terry, AdamW, no schedule, no feature cache."""
+    """A RewardModel with test defaults: Bradley–Terry, AdamW, no schedule, no feature cache, a linear head."""
     from functools import partial
 
     import torch
 
     from rewardlab import freeze as strategies
+    from rewardlab.heads import LinearHead
     from rewardlab.losses import BradleyTerry
     from rewardlab.model import RewardModel
 
     return RewardModel(
         backbone,
-        BradleyTerry(),
+        loss or BradleyTerry(),
         partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1),
         None,
         freeze or strategies.full,
+        head or LinearHead,
         head_lr_mult,
         None,
         gradient_checkpointing=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from rewardlab.checkpoints import UntrustedCheckpoint, checked_config, group_targets, known_targets, read_checkpoint
+from rewardlab.errors import UserError
 from rewardlab.run import build, load_run
 
 
@@ -60,11 +62,15 @@ def test_a_checkpoint_from_an_older_rewardlab_takes_todays_defaults_for_newer_ke
     old = copy.deepcopy(stored)
     del old["rewardlab_config"]["model"]["share_prompt"], old["rewardlab_config"]["data"]["max_tokens_per_batch"]
     old["rewardlab_config"]["model"]["head_lr_mult"] = 3.0
+    del old["rewardlab_config"]["head"]  # trained before heads were a config group: one linear head
     with caplog.at_level("WARNING"):
         cfg, model, _ = load_run(save(tmp_path, old))
     assert cfg.model.share_prompt == "auto" and cfg.data.max_tokens_per_batch is None
     assert cfg.model.head_lr_mult == 3.0  # what the checkpoint has stays
-    assert "model.share_prompt=auto, data.max_tokens_per_batch=None taken from today's defaults" in caplog.text
+    assert cfg.head._target_ == "rewardlab.heads.LinearHead" and torch.equal(
+        model.head.weight, stored["state_dict"]["head.weight"]
+    )
+    assert "head=linear, model.share_prompt=auto, data.max_tokens_per_batch=None taken from today's" in caplog.text
 
 
 ATTACKS = {
@@ -80,6 +86,9 @@ ATTACKS = {
         "scheduler", {"_target_": "rewardlab.optim.warmup_schedule", "x": [{"_target_": "eval"}]}, "inside"
     ),
     "the data module": ("data", {"_target_": "subprocess.run", "args": ["touch", "PWNED"]}, "not one of"),
+    "os.system as the head": (
+        "head", {"_target_": "os.system", "_partial_": True, "command": "touch PWNED"}, "not one of"
+    ),
     "positional arguments that turn on remote code": (
         "backbone",
         {"_target_": "rewardlab.backbones.pretrained", "_args_": ["PWNED", "float32", None, True]},
@@ -195,9 +204,29 @@ def test_a_compressed_checkpoint_that_would_unpack_into_much_more_memory_is_refu
     assert read_checkpoint(tmp_path / "plain.ckpt")["state_dict"]["w"].shape == (1000, 1000)
 
 
+@pytest.mark.parametrize(
+    "head, says",
+    [
+        ({"_target_": "rewardlab.heads.EnsembleHead", "_partial_": True, "k": "4", "bootstrap": True, "seed": 1},
+         "head.k: expected int, got str '4'"),
+        ({"_target_": "rewardlab.heads.EnsembleHead", "_partial_": True, "k": 10**9, "bootstrap": True, "seed": 1},
+         "head.k: expected an integer in [2, 1024]"),
+        ({"_target_": "rewardlab.heads.OdinHead", "_partial_": True, "length_coef": 1.0, "ortho_coef": 1.0},
+         "'head.weight' has shape (1, {h}), but the model its config describes (head rewardlab.heads.OdinHead) has "
+         "(2, {h})"),
+    ],
+)  # fmt: skip
+def test_a_stored_head_is_checked_like_a_setting_and_against_the_weights(head, says, stored, tmp_path):
+    path = save(tmp_path, copy.deepcopy(stored), head=head)
+    says = says.format(h=stored["state_dict"]["head.weight"].shape[1])
+    with pytest.raises(UserError, match=re.escape(says)):
+        load_run(path)
+
+
 def test_known_targets_are_what_the_packaged_configs_name():
     targets = known_targets()
     assert "rewardlab.model.RewardModel" in targets and "torch.optim.AdamW" in targets
+    assert {"rewardlab.heads.LinearHead", "rewardlab.heads.EnsembleHead", "rewardlab.heads.OdinHead"} <= targets
     assert not any(t.startswith(("builtins", "os.", "subprocess")) for t in targets)
 
 

@@ -91,6 +91,7 @@ def test_every_group_has_options():
         "backbone",
         "loss",
         "freeze",
+        "head",
         "optimizer",
         "scheduler",
         "trainer",

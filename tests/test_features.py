@@ -62,13 +62,13 @@ def test_rewards_from_cached_features_equal_a_full_pass(family, strategy, tmp_pa
     batch = batch_of(order)
     with torch.no_grad():
         full = model(batch["input_ids"], batch["attention_mask"])
-        filling = trunk.rewards(model, batch, "train")
+        filling = trunk.outputs(model, batch, "train")[:, 0]
         assert cache.stats() == {"hits": 0, "misses": 4, "filled": 4}
-        cached = trunk.rewards(model, batch, "train")
+        cached = trunk.outputs(model, batch, "train")[:, 0]
         assert cache.stats()["hits"] == 4
         left = batch_of(order)
         left["input_ids"], left["attention_mask"] = pad_sequences(order, 0, "left")
-        cached_left = trunk.rewards(model, left, "train")
+        cached_left = trunk.outputs(model, left, "train")[:, 0]
     assert torch.allclose(filling, full, atol=1e-5)
     assert torch.allclose(cached, full, atol=1e-5) and torch.allclose(cached_left, full, atol=1e-5)
 

@@ -96,6 +96,7 @@ def test_after_training_frozen_weights_are_identical_and_trainable_ones_moved(fa
         optimizer=instantiate(cfg.optimizer),
         scheduler=None,
         freeze=instantiate(cfg.freeze),
+        head=instantiate(cfg.head),
     )
     before = {n: p.detach().clone() for n, p in initial.named_parameters()}
     results = train(cfg)

@@ -7,7 +7,8 @@ from rewardlab.backbones import tiny
 from rewardlab.checks import ConfigError
 from rewardlab.data.batching import PairCollator
 from rewardlab.metrics import PairMetrics
-from rewardlab.model import RewardModel, last_token_index, position_ids
+from rewardlab.model import RewardModel
+from rewardlab.pooling import last_token_index, position_ids
 
 from .conftest import reward_model
 
@@ -73,7 +74,7 @@ def test_one_concatenated_pass_equals_two_separate_passes(family):
     batch = PairCollator(0, "right", None, 1, 0)(items)
     assert batch["input_ids"].shape == (6, 10)
     with torch.no_grad():
-        joint_c, joint_r = model.pair_rewards(batch)
+        joint_c, joint_r = (model.head.reward(o) for o in model.pair_outputs(batch))
         sep_c, sep_r = model(*padded(chosen, "right")), model(*padded(rejected, "right"))
     assert torch.allclose(joint_c, sep_c, atol=1e-5)
     assert torch.allclose(joint_r, sep_r, atol=1e-5)
@@ -91,7 +92,7 @@ def test_a_batch_run_in_length_chunks_gives_the_same_rewards_loss_and_gradients(
         batch = PairCollator(0, side, None, max_chunks, 0)(items)
         assert ("chunks" in batch) == (max_chunks > 1)
         model.zero_grad()
-        c, r = model.pair_rewards(batch)
+        c, r = (model.head.reward(o) for o in model.pair_outputs(batch))
         loss = model.loss_fn(c, r, batch["margin"])
         loss.backward()
         results.append((c.detach(), r.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
@@ -102,7 +103,7 @@ def test_a_batch_run_in_length_chunks_gives_the_same_rewards_loss_and_gradients(
 
 def test_head_is_linear_without_bias_and_rewards_are_float32():
     model = build("llama")
-    assert model.head.in_features == 32 and model.head.out_features == 1 and model.head.bias is None
+    assert [n for n, _ in model.head.named_parameters()] == ["weight"] and model.head.weight.shape == (1, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         r = model(*padded(SEQS, "right"))
     assert r.dtype == torch.float32 and r.shape == (3,)
@@ -136,7 +137,7 @@ def test_pair_metrics_count_ties_as_wrong_and_match_torch():
 
 @pytest.mark.parametrize(("family", "expected"), [("llama", "last"), ("gpt2", "last"), ("bert", "first")])
 def test_pooling_auto_reads_the_last_token_of_decoders_and_the_first_of_encoders(family, expected):
-    from rewardlab.model import choose_pooling
+    from rewardlab.pooling import choose_pooling
 
     torch.manual_seed(0)
     backbone = tiny(family, 32, 1, 4, 64, 128, 0.1, 0.12).model.train()

@@ -31,6 +31,8 @@ class FakeScorer:
     """Stands in for an exported model (a response's reward is its length), so that what score does
     with rows can be tested in milliseconds; `exported` below checks the real one."""
 
+    has_std = False  # one head: no spread to report
+
     def __init__(self, *args: object) -> None:
         self.prompts: list = []
 

@@ -44,10 +44,10 @@ def two_pass_and_shared(model, seqs):
     ids, mask = pad_sequences(seqs, pad_id=0)
     batch = {"input_ids": ids, "attention_mask": mask}
     model.sharing = False
-    two = model.batch_rewards(dict(batch))
+    two = model.head.reward(model.batch_outputs(dict(batch)))
     model.sharing = True
     shared_batch = dict(batch)
-    one = model.batch_rewards(shared_batch)
+    one = model.head.reward(model.batch_outputs(shared_batch))
     return two, one, shared_batch
 
 
@@ -74,7 +74,7 @@ def test_shared_rewards_loss_and_gradients_equal_two_passes(family, attention, d
         model.zero_grad()
         model.sharing = sharing
         ids, mask = pad_sequences(seqs_c + seqs_r, pad_id=0)
-        chosen, rejected = model.batch_rewards({"input_ids": ids, "attention_mask": mask}).chunk(2)
+        chosen, rejected = model.head.reward(model.batch_outputs({"input_ids": ids, "attention_mask": mask})).chunk(2)
         loss = model.loss_fn(chosen, rejected, torch.zeros(pairs))
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))

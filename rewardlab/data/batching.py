@@ -64,7 +64,8 @@ class PairCollator:
     With `max_chunks` > 1 the batch also names groups of similar length (`chunks`: row indices) that
     the model runs as separate passes, each padded only to its own longest sequence: chosen and
     rejected often differ in length, so one padded block would spend much of its work on padding.
-    `padded_tokens` counts the tokens the passes process."""
+    `padded_tokens` counts the tokens the passes process; `response_tokens` each sequence's tokens after
+    its prompt (an item without `prompt_tokens` counts all of them)."""
 
     pad_id: int
     padding_side: str
@@ -85,6 +86,8 @@ class PairCollator:
             "attention_mask": attention_mask,
             "margin": torch.tensor([it["margin"] for it in items], dtype=torch.float32),
             "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+            # response tokens of each sequence (its length after the prompt), for length metrics and ODIN
+            "response_tokens": torch.from_numpy(lengths - np.tile([it.get("prompt_tokens", 0) for it in items], 2)),
             "padded_tokens": sum(w * len(c) for w, c in zip(widths, chunks)) if len(chunks) > 1 else input_ids.numel(),
         }
         if len(chunks) > 1:

@@ -268,4 +268,5 @@ class PairDataset(Dataset):
             "rejected": self.ids[o[2 * j + 1] : o[2 * j + 2]],
             "margin": float(self.margin[j]),
             "index": j,
+            "prompt_tokens": int(self.prompt_lengths[j]),
         }

@@ -307,6 +307,10 @@ class PreferenceDataModule(L.LightningDataModule):
     def has(self, split: str) -> bool:
         return split in self.datasets
 
+    def pairs_in(self, split: str) -> int:
+        """How many pairs the split's cache holds: a batch's `index` lies in `range(pairs_in(split))`."""
+        return len(self.datasets[split].margin)
+
     def sequences(self, split: str) -> tuple[str, np.ndarray]:
         """What a cache of per-sequence features needs: the tokenized split's key and every sequence's
         length (sequence 2j is pair j's chosen, 2j + 1 its rejected)."""
