@@ -171,3 +171,44 @@ def test_resuming_with_another_head_is_refused(make_cfg):
 def test_head_settings_out_of_range_are_refused_naming_the_key(override, says, make_cfg):
     with pytest.raises(ConfigError, match=re.escape(says)):
         train(make_cfg(*override.split()))
+
+
+def confounded_features(n: int, longer_share: float, generator: torch.Generator) -> tuple:
+    """Synthetic pooled states [weak quality signal, length / 10, noise, noise] of chosen and rejected, and
+    their response tokens; the chosen response is the longer in `longer_share` of the pairs."""
+    a = torch.randint(5, 30, (n,), generator=generator).float()
+    b = torch.randint(5, 30, (n,), generator=generator).float()
+    longer = torch.rand(n, generator=generator) < longer_share
+    long, short = torch.maximum(a, b) + 1, torch.minimum(a, b)
+    tokens_c, tokens_r = torch.where(longer, long, short), torch.where(longer, short, long)
+
+    def states(quality: float, tokens: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(n, 3, generator=generator)
+        return torch.stack([quality + noise[:, 0], tokens / 10, noise[:, 1], noise[:, 2]], 1)
+
+    return states(0.3, tokens_c), states(-0.3, tokens_r), tokens_c, tokens_r
+
+
+def test_odin_keeps_length_out_of_the_reward_where_a_linear_head_learns_it():
+    """Trained on states where the chosen response is the longer in 90% of pairs and quality is a weak
+    signal, a linear head leans on length; ODIN's quality head carries almost none of it and ranks
+    length-balanced pairs better."""
+    generator = torch.Generator().manual_seed(0)
+    train_c, train_r, tokens_c, tokens_r = confounded_features(4000, 0.9, generator)
+    test_c, test_r, _, _ = confounded_features(4000, 0.5, generator)
+    accuracy = {}
+    for name, head in (("linear", LinearHead(4, None)), ("odin", OdinHead(4, None, 1.0, 1.0))):
+        torch.manual_seed(0)
+        head.weight.data.normal_(std=0.2)
+        optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+        for _ in range(1500):
+            i = torch.randint(0, 4000, (16,), generator=generator)
+            batch = {"margin": torch.zeros(16), "response_tokens": torch.cat([tokens_c[i], tokens_r[i]]), "index": i}
+            loss, _ = head.objective(BradleyTerry(), head(train_c[i]), head(train_r[i]), batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        accuracy[name] = (head.reward(head(test_c)) > head.reward(head(test_r))).float().mean().item()
+        length_weight = head.reward_weight()[0, 1].abs().item()
+        assert length_weight > 1.0 if name == "linear" else length_weight < 0.1
+    assert accuracy["odin"] > accuracy["linear"] + 0.03
