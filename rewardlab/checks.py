@@ -70,6 +70,17 @@ def _problem(value: Any, hint: Any, where: str) -> str | None:
     return None  # callables, protocols and other hints the target checks itself
 
 
+def _accepted(target: Callable[..., Any]) -> set[str] | None:
+    """The keyword names a target takes; None when it takes any (`**kwargs`) or cannot be read."""
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def check_types(node: Any, key: str, allow_auto: tuple[str, ...] = ()) -> None:
     """Walk a config; for every `_target_`, each value it passes must fit the target's type hints
     (keys in `allow_auto` may also be `auto`, decided by rewardlab before the target is built)."""
@@ -81,7 +92,15 @@ def check_types(node: Any, key: str, allow_auto: tuple[str, ...] = ()) -> None:
         return
     if not isinstance(node, dict):
         return
-    hints = _hints(get_object(node["_target_"])) if isinstance(node.get("_target_"), str) else {}
+    target = get_object(node["_target_"]) if isinstance(node.get("_target_"), str) else None
+    hints = _hints(target) if target is not None else {}
+    accepted = _accepted(target) if target is not None else None
+    if accepted is not None and (unknown := [k for k in node if not k.startswith("_") and k not in accepted]):
+        where = f"{key}.{unknown[0]}" if key else unknown[0]
+        raise ConfigError(
+            f"{where}: not a setting of {node['_target_']} (it takes {', '.join(sorted(accepted)) or 'none'}); "
+            "another option of the group may have it"
+        )
     for name, value in node.items():
         where = f"{key}.{name}" if key else name
         if name in hints and not (where in allow_auto and value == "auto"):

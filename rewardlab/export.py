@@ -194,6 +194,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "parity_max_abs_diff": diff,
         "head": heads_info(model.head, hf, cfg.dtype),
     }
+    if model.head.uncertain:
+        log.info("%s head: the model's logit is the mean of %d heads, which travel in %s",
+                 model.head.kind, model.head.weight.shape[0], HEADS_FILE)  # fmt: skip
     hf.config.reward_mean = float(rewards.mean())
     hf.config.reward_std = float(rewards.std())
     hf.config.rewardlab = info

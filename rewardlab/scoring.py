@@ -265,6 +265,10 @@ class Scorer:
         self.info = config["rewardlab"]
         self.heads = open_heads(Path(model_dir), self.info, self.model)
         self.has_std = self.heads is not None  # an ensemble: rewards come with their heads' spread
+        if self.heads is not None:
+            log.info(
+                "%s: an ensemble of %d heads; rewards come with their spread", model_dir, self.heads[0].weight.shape[0]
+            )
         self.mean, self.std = statistics(config, model_dir)
         self.max_length, self.batch_size = self.info["max_length"], batch_size
         self.formatter = Formatter(

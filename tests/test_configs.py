@@ -72,7 +72,7 @@ def needs(group: str, option: str, local_model: Path, margin_data: Path) -> list
         return ["trainer.val_check_interval=1.0"]
     if (group, option) == ("backbone", "hf"):
         return [f"backbone.name_or_path={local_model}"]
-    if (group, option) == ("data", "default"):
+    if (group, option) in (("data", "default"), ("experiment", "length_heads")):  # the latter: your data
         return [f"data.train_file={QUIZ}/train.jsonl", f"data.val_file={QUIZ}/val.jsonl"]
     if (group, option) == ("experiment", "hh_rlhf"):  # the hub names, swapped for local stand-ins
         return [
