@@ -187,11 +187,17 @@ def load_run(
     for group in MODEL_GROUPS:  # what training checks before building, checked again: the file may be anyone's
         check_types(cfg.get(group), group)
     check_ranges(cfg)
+    if not isinstance(cfg.head.get("_target_"), str) or cfg.head.get("_partial_") is not True:
+        raise UntrustedCheckpoint(f"{ckpt_path}: its head config is not a head option rewardlab writes: {cfg.head}")
     backbone = instantiate(cfg.backbone)
     model = build_model(cfg, backbone.model)
     state = checkpoint["state_dict"]
     for name, value in model.state_dict().items():
-        if name in state and state[name].shape != value.shape:
+        if name not in state:
+            raise UntrustedCheckpoint(
+                f"{ckpt_path}: its weights lack '{name}', which the model needs; nothing was loaded"
+            )
+        if state[name].shape != value.shape:
             raise UntrustedCheckpoint(
                 f"{ckpt_path}: '{name}' has shape {tuple(state[name].shape)}, but the model its config describes "
                 f"(head {cfg.head.get('_target_')}) has {tuple(value.shape)}; nothing was loaded"

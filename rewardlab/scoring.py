@@ -189,6 +189,7 @@ def head_module_name(model: PreTrainedModel) -> str:
 
 
 SAVED_DTYPES = ("float32", "bfloat16", "float16")
+HEAD_KINDS = ("linear", "ensemble", "odin")
 
 
 def open_heads(folder: Path, info: dict[str, Any], model: PreTrainedModel) -> tuple[Head, nn.Linear] | None:
@@ -197,8 +198,10 @@ def open_heads(folder: Path, info: dict[str, Any], model: PreTrainedModel) -> tu
     bit); None for an export with one head."""
     head = info.get("head")
     if head is None:  # exported before heads were a group: one linear head
+        if (folder / HEADS_FILE).exists():
+            raise UntrustedExport(f"{folder}: holds {HEADS_FILE} but config.json has no rewardlab.head entry")
         return None
-    if not isinstance(head, dict) or not isinstance(head.get("kind"), str):
+    if not isinstance(head, dict) or head.get("kind") not in HEAD_KINDS:
         raise UntrustedExport(f"{folder}: config.json's rewardlab.head is not what rewardlab.export writes: {head!r}")
     if head["kind"] != "ensemble":
         if head.get("file") is not None or (folder / HEADS_FILE).exists():
@@ -230,11 +233,17 @@ def open_heads(folder: Path, info: dict[str, Any], model: PreTrainedModel) -> tu
     if not isinstance(module, nn.Linear) or module.out_features != 1:
         raise UntrustedExport(f"{folder}: rewardlab.head.module {head['module']!r} is not the model's reward head")
     outputs = head.get("outputs")
-    if weight.ndim != 2 or weight.shape != (outputs, module.in_features) or outputs < 2 or not weight.isfinite().all():
+    if not isinstance(outputs, int) or isinstance(outputs, bool) or outputs < 2:
         raise UntrustedExport(
-            f"{path}: expected finite weights of shape (rewardlab.head.outputs >= 2, {module.in_features}) = "
-            f"({outputs}, {module.in_features}), got {tuple(weight.shape)}"
+            f"{folder}: config.json's rewardlab.head.outputs is {outputs!r}, expected an integer >= 2"
         )
+    if weight.shape != (outputs, module.in_features):
+        raise UntrustedExport(
+            f"{path}: expected weights of shape (rewardlab.head.outputs, hidden) = ({outputs}, {module.in_features}), "
+            f"got {tuple(weight.shape)}"
+        )
+    if not weight.isfinite().all():
+        raise UntrustedExport(f"{path}: holds weights that are not finite (NaN or infinity)")
     ensemble = EnsembleHead(weight.shape[1], None, weight.shape[0], bootstrap=False, seed=0)
     ensemble.weight.data.copy_(weight.float())
     saved = ensemble.reward_weight().detach().to(getattr(torch, head["dtype"]))

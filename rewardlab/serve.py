@@ -40,6 +40,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from rewardlab.checks import ConfigError
 from rewardlab.data.rows import DataError
 from rewardlab.errors import one_line_errors
 from rewardlab.runfolder import claimed
@@ -182,7 +183,7 @@ class RewardService:
         self.cfg, self.token = cfg, auth_token(cfg)
         self.scorer = Scorer(cfg.model_dir, cfg.trust_remote_code, cfg.batch_size, cfg.dtype)
         if cfg.normalize and self.scorer.std is None:
-            raise ValueError(
+            raise ConfigError(
                 f"normalize=true: {cfg.model_dir}/config.json has no usable reward_mean and reward_std (finite, "
                 "std > 0); serve unnormalised rewards (normalize=false) or export again"
             )

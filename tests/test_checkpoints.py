@@ -214,6 +214,8 @@ def test_a_compressed_checkpoint_that_would_unpack_into_much_more_memory_is_refu
         ({"_target_": "rewardlab.heads.OdinHead", "_partial_": True, "length_coef": 1.0, "ortho_coef": 1.0},
          "'head.weight' has shape (1, {h}), but the model its config describes (head rewardlab.heads.OdinHead) has "
          "(2, {h})"),
+        ({}, "its head config is not a head option rewardlab writes"),
+        ({"_target_": "rewardlab.heads.LinearHead", "_partial_": False}, "its head config is not a head option"),
     ],
 )  # fmt: skip
 def test_a_stored_head_is_checked_like_a_setting_and_against_the_weights(head, says, stored, tmp_path):
@@ -221,6 +223,13 @@ def test_a_stored_head_is_checked_like_a_setting_and_against_the_weights(head, s
     says = says.format(h=stored["state_dict"]["head.weight"].shape[1])
     with pytest.raises(UserError, match=re.escape(says)):
         load_run(path)
+
+
+def test_weights_the_model_needs_but_the_checkpoint_lacks_are_named(stored, tmp_path):
+    checkpoint = copy.deepcopy(stored)
+    del checkpoint["state_dict"]["head.weight"]
+    with pytest.raises(UntrustedCheckpoint, match="its weights lack 'head.weight'"):
+        load_run(save(tmp_path, checkpoint))
 
 
 def test_known_targets_are_what_the_packaged_configs_name():

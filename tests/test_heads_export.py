@@ -109,13 +109,17 @@ def edit_head_info(folder: Path, replace: object = None, **changes) -> None:
         ("other weights", "mean of its heads is not the model's reward head"),
         ("not safetensors", "not a rewardlab heads file"),
         ("missing", "not a rewardlab heads file"),
-        ("one head", "expected finite weights of shape"),
+        ("one head", "expected weights of shape (rewardlab.head.outputs, hidden) = (4, "),
         ("a module that is not the head", "is not the model's reward head"),
         ("an attribute that is no module", "is not the model's reward head"),
         ("another file name", "rewardlab.head.file is '../../elsewhere.safetensors', expected"),
         ("an extra tensor", "expected one float32 tensor 'weight'"),
         ("float16 heads", "expected one float32 tensor 'weight'"),
-        ("outputs that lie", "expected finite weights of shape"),
+        ("outputs that lie", "expected weights of shape (rewardlab.head.outputs, hidden) = (99, "),
+        ("outputs as text", "rewardlab.head.outputs is '4', expected an integer >= 2"),
+        ("NaN weights", "holds weights that are not finite"),
+        ("an unknown kind", "is not what rewardlab.export writes"),
+        ("a heads file without its entry", "has no rewardlab.head entry"),
         ("a head entry that is no mapping", "is not what rewardlab.export writes"),
         ("an ensemble without its file", "rewardlab.head.file is None"),
         ("an export without the saved dtype", "rewardlab.head.dtype is None"),
@@ -145,6 +149,16 @@ def test_a_heads_file_or_entry_that_does_not_match_the_model_is_refused(attack, 
         save_file({"weight": weight.half()}, folder / HEADS_FILE)
     elif attack == "outputs that lie":
         edit_head_info(folder, outputs=99)
+    elif attack == "outputs as text":
+        edit_head_info(folder, outputs="4")
+    elif attack == "NaN weights":
+        save_file({"weight": weight * float("nan")}, folder / HEADS_FILE)
+    elif attack == "an unknown kind":
+        edit_head_info(folder, kind="banana", file=None)
+    elif attack == "a heads file without its entry":
+        config = json.loads((folder / "config.json").read_text())
+        del config["rewardlab"]["head"]
+        (folder / "config.json").write_text(json.dumps(config))
     elif attack == "a head entry that is no mapping":
         edit_head_info(folder, replace="ensemble")
     elif attack == "an ensemble without its file":
