@@ -286,17 +286,13 @@ class RewardModel(L.LightningModule):
 
     def _update_metrics(
         self, split: str, batch: dict[str, Tensor], chosen: Tensor, rejected: Tensor, loss: Tensor
-    ) -> None:
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Epoch metrics of the rewards, with the responses' lengths and (ensembles) the pairs' uncertainty:
-        the spread of the heads' margins."""
+        the spread of the heads' margins. Returns them (detached): chosen's and rejected's rewards, the spread."""
         chosen, rejected, head = chosen.detach(), rejected.detach(), self.head
-        self._metrics(split).update(
-            head.reward(chosen),
-            head.reward(rejected),
-            loss.detach(),
-            batch["response_tokens"],
-            head.uncertainty(chosen - rejected),
-        )
+        found = head.reward(chosen), head.reward(rejected), head.uncertainty(chosen - rejected)
+        self._metrics(split).update(found[0], found[1], loss.detach(), batch["response_tokens"], found[2])
+        return found
 
     def _finite(self, loss: Tensor, batch: dict[str, Tensor], batch_idx: int) -> bool:
         """A NaN or inf loss stops the run naming the step and the pairs; with `skip_nonfinite` the
@@ -324,11 +320,10 @@ class RewardModel(L.LightningModule):
         objective, loss, chosen, rejected = self._step(batch, "train")
         if not self._finite(objective, batch, batch_idx):
             return None  # Lightning skips backward and the optimizer step
-        self._update_metrics("train", batch, chosen, rejected, loss)
+        c, r, _ = self._update_metrics("train", batch, chosen, rejected, loss)
         n = chosen.shape[0]
-        won = (self.head.reward(chosen) > self.head.reward(rejected)).float().mean()
         self.log("train/loss_step", loss, prog_bar=True, batch_size=n, sync_dist=True)  # mean over devices
-        self.log("train/acc_step", won, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("train/acc_step", (c > r).float().mean(), prog_bar=True, batch_size=n, sync_dist=True)
         return objective
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -337,10 +332,8 @@ class RewardModel(L.LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         _, loss, chosen, rejected = self._step(batch, "test")
-        self._update_metrics("test", batch, chosen, rejected, loss)
-        head = self.head
-        c, r = head.reward(chosen), head.reward(rejected)
-        self.test_outcomes.update(batch["index"], c, r, batch["response_tokens"], head.uncertainty(chosen - rejected))
+        c, r, spread = self._update_metrics("test", batch, chosen, rejected, loss)
+        self.test_outcomes.update(batch["index"], c, r, batch["response_tokens"], spread)
 
     def on_test_epoch_start(self) -> None:
         self.test_outcomes.reset()
