@@ -15,7 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from rewardlab import losses
@@ -45,8 +45,11 @@ ROW = st.fixed_dictionaries(
 LINE = ROW.map(lambda r: json.dumps(r).encode()) | JSON.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=80)
 
 
-def counted_as_a_row(line: bytes) -> bool:
-    """The reader skips blank lines (not rows); anything else, valid or not, is a row."""
+def counted_as_a_row(line: bytes, first: bool = False) -> bool:
+    """The reader skips blank lines (not rows) and a file's leading UTF-8 byte-order mark; anything else,
+    valid or not, is a row."""
+    if first:
+        line = line.removeprefix(b"\xef\xbb\xbf")
     try:
         return bool(line.decode("utf-8").strip())
     except UnicodeDecodeError:
@@ -55,6 +58,7 @@ def counted_as_a_row(line: bytes) -> bool:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(lines=st.lists(LINE.map(lambda b: b.replace(b"\n", b" ")), min_size=1, max_size=30))
+@example(lines=[b"\xef\xbb\xbf"])  # a file holding only a byte-order mark: no row (found by this test)
 def test_every_row_read_is_used_or_reported(lines, tmp_path_factory, tiny_tokenizer):
     folder = tmp_path_factory.mktemp("prop")
     source = folder / "train.jsonl"
@@ -64,7 +68,7 @@ def test_every_row_read_is_used_or_reported(lines, tmp_path_factory, tiny_tokeni
     dataset = PairDataset(folder / "cache")
     counts = dataset.meta["counts"]
     reported = (folder / "cache" / "bad_rows.jsonl").read_text(encoding="utf-8").split("\n")[:-1]
-    rows = [n for n, line in enumerate(lines, start=1) if counted_as_a_row(line)]
+    rows = [n for n, line in enumerate(lines, start=1) if counted_as_a_row(line, first=n == 1)]
     assert counts.get("read", 0) == len(rows)
     assert counts.get("used", 0) == len(dataset) and len(dataset) + len(reported) == len(rows)
     where = {int(json.loads(r)["where"].rsplit(":", 1)[1]) for r in reported}
