@@ -12,6 +12,8 @@ with the command that produced it, to docs/BENCHMARKS.md.
     python bench/run.py heads [--data chitchat|quiz] [--backbone minilm|tiny] [--train-pairs 1024]
                                                 head=linear/odin/ensemble × 3 seeds where length is a
                                                 confound (experiment=length_heads), with the report
+    python bench/run.py ratings                 pairs+BT vs Plackett–Luce vs regression × 3 seeds on ratings
+                                                of the development conversations (experiment=ratings_compare)
 
 Workloads (bench/workloads.py): `chitchat-pairs`, the project's real human preference pairs
 (`../shared/data/chitchat-pairs`, when present); `hh` and `uf`, real English conversations shaped
@@ -424,10 +426,55 @@ def heads(args: argparse.Namespace) -> None:
     append(f"Reward heads where length is a confound ({args.data}, {args.backbone})", command, body)
 
 
+def ratings_longer_baseline(path: Path) -> float:
+    """Accuracy of preferring the longer response (characters; equal lengths count half) on the test pairs
+    the ratings make: every two responses of a prompt with different summed ratings."""
+    by_prompt: dict[str, list[tuple[float, int]]] = {}
+    for line in open(path):
+        row = json.loads(line)
+        by_prompt.setdefault(row["prompt"], []).append((sum(row["scores"].values()), len(row["response"])))
+    wins = [
+        (la > lb) + 0.5 * (la == lb) if sa > sb else (lb > la) + 0.5 * (la == lb)
+        for group in by_prompt.values()
+        for i, (sa, la) in enumerate(group)
+        for sb, lb in group[i + 1 :]
+        if sa != sb
+    ]
+    return sum(wins) / len(wins)
+
+
+def ratings(args: argparse.Namespace) -> None:
+    """experiment=ratings_compare on the development conversations' own ratings, then the sweep report."""
+    import subprocess
+
+    from workloads import chitchat_ratings
+
+    folder = CACHE / "chitchat-ratings"
+    rows = chitchat_ratings(DEV, folder)
+    sweep = CACHE / f"ratings-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    data = [f"data.{s}_file={folder}/{s}.jsonl" for s in ("train", "val", "test")]
+    attributes = ["data.attributes=[witty,upbeat,interesting]", "data.attribute_weights=[1.0,1.0,1.0]"]
+    overrides = ["experiment=ratings_compare", *data, *attributes, "logger=csv", f"hydra.sweep.dir={sweep}"]
+    subprocess.run([sys.executable, "-m", "rewardlab.train", *overrides, *args.overrides], check=True, cwd=ROOT)
+    report = subprocess.run([sys.executable, "-m", "rewardlab.report", str(sweep)], check=True, cwd=ROOT,
+                            capture_output=True, text=True).stdout  # fmt: skip
+    body = (
+        f"Data: the development conversations' own ratings (witty, upbeat, interesting; 1–10), {rows['train']} "
+        f"training, {rows['val']} validation and {rows['test']} test conversations (`chitchat_ratings` in "
+        "bench/workloads.py); combined score = their sum. Tested on every two conversations of a test prompt with "
+        "different combined scores. MiniLM full fine-tune, 2 epochs, 8 pairs (or groups of up to 16 responses) per "
+        f"step. Sweep folder: {sweep.relative_to(ROOT)}\n\n" + report.split("\nwrote ", 1)[0]
+    )
+    longer = ratings_longer_baseline(folder / "test.jsonl")
+    body += f"\n\n\"Pick the longer conversation\" on these test pairs: {longer:.3f}."
+    command = "python bench/run.py ratings" + (f" --overrides {' '.join(args.overrides)}" if args.overrides else "")
+    append("Learning from ratings: pairs + Bradley–Terry vs Plackett–Luce vs regression", command, body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "what", choices=["compare", "levers", "shared", "cache", "memory", "accuracy", "heads", "head-cost"]
+        "what", choices=["compare", "levers", "shared", "cache", "memory", "accuracy", "heads", "head-cost", "ratings"]
     )
     parser.add_argument("--steps", type=int, default=64, help="training steps per run (accuracy: one epoch, always)")
     parser.add_argument("--workloads", default=None, help="comma-separated (default: each command's own)")
@@ -448,7 +495,7 @@ def main() -> None:
                           "shared": "hh"}.get(args.what, "chitchat-pairs")  # fmt: skip
     commands = {"compare": compare, "levers": levers, "shared": shared, "cache": cache, "memory": memory,
                 "head-cost": head_cost}  # fmt: skip
-    (commands | {"accuracy": accuracy, "heads": heads})[args.what](args)
+    (commands | {"accuracy": accuracy, "heads": heads, "ratings": ratings})[args.what](args)
 
 
 if __name__ == "__main__":

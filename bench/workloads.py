@@ -100,3 +100,44 @@ def workload(name: str, cache: Path) -> Path:
         start += n
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
+
+
+def chitchat_ratings(dev: Path, out: Path, val_prompts: float = 0.2) -> dict[str, int]:
+    """Ratings rows `{prompt, response, scores: {witty, upbeat, interesting}}` of the development conversations:
+    those whose transcript is a side of a development pair (`dev`/train.jsonl, val.jsonl), with each one's own
+    three ratings from the package. The held-out conversations are never read. The conversations of
+    train.jsonl make train and val (a fifth of their prompts, chosen by a fixed shuffle); those of val.jsonl
+    make test. Returns the rows per split."""
+    spec = importlib.util.find_spec("chitchat_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the ratings come from `pip install chitchat-dataset==0.9.0`")
+    raw = json.loads((Path(spec.submodule_search_locations[0]) / "dataset.json").read_text())
+    sides: dict[tuple[str, str], str] = {}
+    for split in ("train", "val"):
+        for line in open(dev / f"{split}.jsonl"):
+            row = json.loads(line)
+            for side in ("chosen", "rejected"):
+                sides.setdefault((row["prompt"], row[side]), split)
+    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    seen = set()
+    for key in sorted(raw):
+        c = raw[key]
+        text = transcript([" ".join(u["text"] for u in m) for m in c["messages"]])
+        ratings = c.get("ratings") or {}
+        where = sides.get((c.get("prompt"), text))
+        if where and set(ratings) == {"witty", "upbeat", "interesting"} and (c["prompt"], text) not in seen:
+            seen.add((c["prompt"], text))
+            scores = {name: ratings[name] for name in ("witty", "upbeat", "interesting")}
+            rows[where].append({"prompt": c["prompt"], "response": text, "scores": scores})
+    prompts = sorted({r["prompt"] for r in rows["train"]})
+    random.Random(0).shuffle(prompts)
+    held = set(prompts[: round(len(prompts) * val_prompts)])
+    splits = {
+        "train": [r for r in rows["train"] if r["prompt"] not in held],
+        "val": [r for r in rows["train"] if r["prompt"] in held],
+        "test": rows["val"],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for split, items in splits.items():
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    return {split: len(items) for split, items in splits.items()}

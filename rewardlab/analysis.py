@@ -101,3 +101,13 @@ def length_slope(rewards: np.ndarray, tokens: np.ndarray) -> float:
     """The least-squares slope of reward on response tokens (reward per token); 0 when lengths do not vary."""
     x = tokens.astype(float) - tokens.mean()
     return float((x * (rewards - rewards.mean())).sum() / (x * x).sum()) if (x * x).sum() > 0 else 0.0
+
+
+def attribute_errors(predicted: np.ndarray, targets: np.ndarray, names: list[str]) -> dict[str, float]:
+    """Per attribute, of predicted ratings against the data's `(responses, attributes)`: the root mean squared
+    error (in the ratings' units) and Spearman's rank correlation (ties ranked by their mean rank)."""
+    out = {}
+    for a, name in enumerate(names):
+        out[f"rmse_{name}"] = float(np.sqrt(np.mean((predicted[:, a] - targets[:, a]) ** 2)))
+        out[f"spearman_{name}"] = pearson(rankdata(predicted[:, a]), rankdata(targets[:, a]))
+    return out

@@ -170,6 +170,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "head.k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 1024, "an integer in [2, 1024]"),
     "head.length_coef": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
     "head.ortho_coef": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "head.normalize": (lambda v: isinstance(v, bool), "true or false"),
+    "loss.log_tie_init": (_number, "a finite number"),
+    "loss.kind": (lambda v: v in ("mse", "gaussian_nll"), "mse or gaussian_nll"),
 }
 
 

@@ -191,13 +191,18 @@ def evaluate(cfg: DictConfig, data_overrides: list[str]) -> dict[str, Any]:
     datamodule = split_datamodule(data, cfg.split, tokenizer, cfg.data.cache_dir, cfg.paths.output_dir)
     split_file = datamodule.files[cfg.split]
     dataset = datamodule.datasets[cfg.split]
-    scores = score_pairs(model, getattr(datamodule, f"{cfg.split}_dataloader")(), bf16=cfg.bf16)
+    every = score_pairs(model, getattr(datamodule, f"{cfg.split}_dataloader")(), bf16=cfg.bf16)
+    tie = dataset.tie[every["index"]]
+    scores = {name: values[~tie] for name, values in every.items()}  # accuracy and the rest: decisive pairs
     result = {
         "checkpoint": str(cfg.ckpt_path),
         "split": cfg.split,
         "data": split_file,
         **metrics(scores, dataset, cfg.calibration_bins, list(cfg.length_gap_edges), cfg.uncertainty_quantiles),
     }
+    if tie.any():  # tie pairs apart: how many, and how close the model scores their two responses
+        margin = every["chosen"][tie] - every["rejected"][tie]
+        result |= {"ties": int(tie.sum()), "tie_abs_margin": float(np.abs(margin).mean())}
     if cfg.length_calibration is not None:
         result["length_calibrated"] = calibrate(cfg, data, tokenizer, model, scores, dataset)
     out = Path(cfg.paths.output_dir)
@@ -205,11 +210,12 @@ def evaluate(cfg: DictConfig, data_overrides: list[str]) -> dict[str, Any]:
     (out / "eval.json").write_text(json.dumps(finite(result), indent=2) + "\n")
     with open(out / "rewards.jsonl", "w") as f:
         subsets = dataset.meta["subsets"]
-        extra = [k for k in ("uncertainty", "chosen_std", "rejected_std") if k in scores]
-        for k, i in enumerate(scores["index"]):
+        extra = [k for k in ("uncertainty", "chosen_std", "rejected_std") if k in every]
+        for k, i in enumerate(every["index"]):
             subset = subsets[dataset.subset[i]] if subsets else ""
-            row = {"row": int(dataset.row[i]), "subset": subset, "chosen": scores["chosen"][k]}
-            row |= {"rejected": scores["rejected"][k], **{name: scores[name][k] for name in extra}}
+            row = {"row": int(dataset.row[i]), "subset": subset, "chosen": every["chosen"][k]}
+            row |= {"rejected": every["rejected"][k], **{name: every[name][k] for name in extra}}
+            row |= {"tie": bool(tie[k])} if tie.any() else {}
             f.write(json.dumps(row) + "\n")
     images = plot(result, scores, out)
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]

@@ -35,7 +35,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 from rewardlab import __version__
 from rewardlab.data.batching import pad_sequences
 from rewardlab.errors import one_line_errors
-from rewardlab.heads import Head
+from rewardlab.heads import AttributesHead, Head
 from rewardlab.model import RewardModel
 from rewardlab.run import load_run, score_pairs, split_datamodule
 from rewardlab.runfolder import claimed
@@ -194,8 +194,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "parity_max_abs_diff": diff,
         "head": heads_info(model.head, hf, cfg.dtype),
     }
-    if model.head.uncertain:
-        log.info("%s head: the model's logit is the mean of %d heads, which travel in %s",
+    if model.head.carried:
+        log.info("%s head: the model's logit combines %d outputs, which travel in %s",
                  model.head.kind, model.head.weight.shape[0], HEADS_FILE)  # fmt: skip
     hf.config.reward_mean = float(rewards.mean())
     hf.config.reward_std = float(rewards.std())
@@ -241,16 +241,17 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 
 def heads_info(head: Head, hf: PreTrainedModel, dtype: str) -> dict[str, Any]:
-    """What the export says of the head: its kind and outputs, and for a head with uncertainty (an
-    ensemble) the file holding every head's weights (float32), the module of `hf` that computes the
-    reward and the dtype the model was saved in (its weight is the heads' mean rounded to it)."""
+    """What the export says of the head: its kind and outputs, and for a head whose outputs travel (an
+    ensemble's, the attributes') the file holding every output's weights (float32), the module of `hf` that
+    computes the reward and the dtype the model was saved in (its weight is the reward's rounded to it); for
+    attributes also their names, combination weights, means and stds."""
     return {
         "kind": head.kind,
         "outputs": int(head.weight.shape[0]),
-        "file": HEADS_FILE if head.uncertain else None,
-        "module": head_module_name(hf) if head.uncertain else None,
-        "dtype": dtype if head.uncertain else None,
-    }
+        "file": HEADS_FILE if head.carried else None,
+        "module": head_module_name(hf) if head.carried else None,
+        "dtype": dtype if head.carried else None,
+    } | (head.description() if isinstance(head, AttributesHead) else {})
 
 
 def check_output_dir(out: Path, ckpt_path: Path, overwrite: bool) -> None:

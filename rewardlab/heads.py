@@ -5,6 +5,8 @@ reward, its uncertainty and the training objective are made of those outputs.
 - `EnsembleHead`: k outputs, each trained on its own bootstrap resample of the training pairs (fixed
   Poisson(1) weights per pair and head, so one forward pass serves every head); the reward is their
   mean, its uncertainty their standard deviation (Coste et al. 2023; WARM, Ramé et al. 2024).
+- `AttributesHead`: one output per rated attribute, fitted by `loss=regression` on normalised ratings; the
+  reward is their configured combination (HelpSteer2-style regression, ArmoRM's attribute heads).
 - `OdinHead`: a quality and a length output trained as in ODIN (Chen et al. 2024): their sum fits the
   preferences, the length output is pushed to correlate with response length, the quality output to
   not correlate with it, and the two weight vectors towards orthogonal; the reward is the quality
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from rewardlab.checks import ConfigError
-from rewardlab.losses import Loss
+from rewardlab.losses import Loss, tie_of
 
 
 def pearson(x: Tensor, y: Tensor) -> Tensor:
@@ -45,6 +47,7 @@ class Head(nn.Module):
 
     kind = ""  # its option in conf/head/
     uncertain = False  # whether `uncertainty` gives a value (the export then carries every output's weights)
+    carried = False  # whether an export carries every output's weights (for the spread, or the attributes)
 
     def __init__(self, hidden: int, outputs: int, init_std: float | None):
         super().__init__()
@@ -72,12 +75,16 @@ class Head(nn.Module):
 
     def check(self, loss: Any) -> None:
         """Before training: refuse a loss this head cannot train with (a `ConfigError` naming it)."""
+        if getattr(loss, "unit", "pairs") == "points":
+            raise ConfigError(
+                f"loss=regression fits one output per attribute: use head=attributes, not head={self.kind}"
+            )
 
     def objective(
         self, loss: Loss, chosen: Tensor, rejected: Tensor, batch: dict[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The training loss from the outputs `(B, outputs)` of chosen and rejected, and its parts to log."""
-        return loss(self.reward(chosen), self.reward(rejected), batch["margin"]), {}
+        return loss(self.reward(chosen), self.reward(rejected), batch["margin"], **tie_of(loss, batch)), {}
 
     def prepare(self, train_pairs: int) -> None:
         """Called before fitting with the number of pairs in the training split (their `index` range)."""
@@ -101,7 +108,7 @@ class EnsembleHead(Head):
     each head averaged. (The mean of k heads initialised independently starts 1/√k as large as one.)"""
 
     kind = "ensemble"
-    uncertain = True
+    uncertain = carried = True
 
     def __init__(self, hidden: int, init_std: float | None, k: int, bootstrap: bool, seed: int):
         if k < 2:
@@ -122,6 +129,7 @@ class EnsembleHead(Head):
         return outputs.std(-1, correction=0)
 
     def check(self, loss: Any) -> None:
+        super().check(loss)
         if not isinstance(loss, Loss) or type(loss).pairwise is Loss.pairwise:
             raise ConfigError(
                 f"head=ensemble weighs each pair per head, so the loss must be a rewardlab.losses.Loss with a "
@@ -137,7 +145,7 @@ class EnsembleHead(Head):
     def objective(
         self, loss: Loss, chosen: Tensor, rejected: Tensor, batch: dict[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        terms = loss.pairwise(chosen, rejected, batch["margin"][:, None])  # (B, k)
+        terms = loss.pairwise(chosen, rejected, batch["margin"][:, None], **tie_of(loss, batch, True))  # (B, k)
         if self.bootstrap:
             if self.weights is None:
                 raise RuntimeError("head=ensemble with bootstrap: `prepare` was not called before training")
@@ -160,13 +168,75 @@ class OdinHead(Head):
         super().__init__(hidden, 2, init_std)
         self.length_coef, self.ortho_coef = length_coef, ortho_coef
 
+    def check(self, loss: Any) -> None:
+        super().check(loss)
+        if getattr(loss, "unit", "pairs") != "pairs":
+            raise ConfigError("head=odin decorrelates the rewards of a batch's pairs: it needs a pairwise loss")
+
     def objective(
         self, loss: Loss, chosen: Tensor, rejected: Tensor, batch: dict[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        fit = loss(chosen.sum(-1), rejected.sum(-1), batch["margin"])
+        fit = loss(chosen.sum(-1), rejected.sum(-1), batch["margin"], **tie_of(loss, batch))
         outputs = torch.cat([chosen, rejected])
         tokens = batch["response_tokens"].to(outputs.device, torch.float32)
         quality, length = pearson(outputs[:, 0], tokens), pearson(outputs[:, 1], tokens)
         ortho = nn.functional.cosine_similarity(self.weight[0], self.weight[1], dim=0).abs()
         total = fit + self.length_coef * (quality.abs() - length) + self.ortho_coef * ortho
         return total, {"fit_loss": fit, "quality_length_corr": quality, "length_length_corr": length, "ortho": ortho}
+
+
+class AttributesHead(Head):
+    """One output per attribute (`head=attributes`), each predicting that attribute's normalised rating
+    z_a = (y_a − μ_a)/σ_a (μ, σ from the training ratings with `normalize`, else 0 and 1). The reward is the
+    combination Σ_a w_a·σ_a·z_a = Σ_a w_a·(ŷ_a − μ_a): the weighted predicted ratings, centred, so it ranks as
+    the combined score the data's pairs are made of, and stays one linear function of the pooled state.
+    `log_var` is each attribute's learned log-variance, read by `loss.kind=gaussian_nll` only."""
+
+    kind = "attributes"
+    carried = True
+
+    def __init__(self, hidden: int, init_std: float | None, names: list[str], weights: list[float], normalize: bool):
+        names, weights = list(names), [float(w) for w in weights]
+        if not names or len(names) != len(weights) or len(set(names)) != len(names):
+            raise ConfigError(
+                f"head.names {names} and head.weights {weights}: expected as many distinct names as weights"
+            )
+        super().__init__(hidden, len(names), init_std)
+        self.names, self.normalize = names, normalize
+        self.register_buffer("combination", torch.tensor(weights, dtype=torch.float32))
+        self.register_buffer("mean", torch.zeros(len(names)))
+        self.register_buffer("std", torch.ones(len(names)))
+        self.log_var = nn.Parameter(torch.zeros(len(names)))
+
+    def check(self, loss: Any) -> None:
+        if getattr(loss, "unit", "pairs") != "points":
+            raise ConfigError("head=attributes is fitted to ratings: use loss=regression (with ratings data)")
+
+    def fit_targets(self, targets: Tensor) -> None:
+        """Set μ and σ from the training ratings `(responses, attributes)` (with `normalize`); an attribute
+        that never varies keeps σ = 1."""
+        if self.normalize and len(targets):
+            std = targets.double().std(0, correction=0)
+            self.mean.copy_(targets.double().mean(0))
+            self.std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+
+    def normalised(self, targets: Tensor) -> Tensor:
+        return (targets.to(self.mean.device) - self.mean) / self.std
+
+    def description(self) -> dict[str, Any]:
+        """What an export records to rebuild this head: attribute names, combination weights, μ and σ."""
+        return {"names": self.names, "combination": self.combination.tolist(), "mean": self.mean.tolist(),
+                "std": self.std.tolist()}  # fmt: skip
+
+    def attributes(self, outputs: Tensor) -> Tensor:
+        """Predicted ratings in the data's units, `(N, attributes)`."""
+        return outputs * self.std + self.mean
+
+    def scale(self) -> Tensor:
+        return self.combination * self.std
+
+    def reward(self, outputs: Tensor) -> Tensor:
+        return outputs @ self.scale()
+
+    def reward_weight(self) -> Tensor:
+        return (self.scale() @ self.weight)[None]

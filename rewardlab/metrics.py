@@ -8,16 +8,16 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-STATES = ("pairs", "loss", "correct", "margin", "chosen", "rejected", "square")
+STATES = ("pairs", "seen", "loss", "correct", "margin", "chosen", "rejected", "square", "ties", "tie_margin")
 LENGTH_STATES = ("longer", "correct_longer", "shorter", "correct_shorter", "n", "x", "y", "xx", "yy", "xy")
 
 
 class PairMetrics(Metric):
-    """Loss, strict accuracy (a tie is wrong), margin, reward means and spread over an epoch; with the
-    responses' lengths, accuracy where the chosen response is the longer and where it is the shorter,
-    their mean (the length-controlled accuracy, both directions weighted equally) and the reward–length
-    correlation; with uncertainties, their mean. Sums, so they are exact over any batching and reduce
-    across devices."""
+    """Loss, strict accuracy (equal rewards are wrong; tie pairs are left out and counted apart), margin,
+    reward means and spread over an epoch; with the responses' lengths, accuracy where the chosen response
+    is the longer and where it is the shorter, their mean (the length-controlled accuracy, both directions
+    weighted equally) and the reward–length correlation; with uncertainties, their mean. Sums, so they are
+    exact over any batching and reduce across devices."""
 
     full_state_update = False
 
@@ -33,12 +33,24 @@ class PairMetrics(Metric):
         loss: Tensor,
         response_tokens: Tensor | None = None,
         uncertainty: Tensor | None = None,
+        tie: Tensor | None = None,
     ) -> None:
-        """Rewards `(B,)`; `response_tokens` `(2B,)`: chosen's then rejected's; `uncertainty` `(B,)` per pair."""
+        """Rewards `(B,)`; `response_tokens` `(2B,)`: chosen's then rejected's; `uncertainty` `(B,)` per pair;
+        `tie` `(B,)`: tie pairs count in the loss and apart (`ties`, their mean |margin|), not in the rest."""
         chosen, rejected = chosen.double(), rejected.double()
+        self.seen += chosen.numel()
+        self.loss += loss.double() * chosen.numel()
+        if tie is not None:
+            tie = tie.to(chosen.device)
+            self.ties += tie.sum()
+            self.tie_margin += (chosen - rejected)[tie].abs().sum()
+            chosen, rejected = chosen[~tie], rejected[~tie]
+            if response_tokens is not None:
+                response_tokens = response_tokens.to(tie.device).view(2, -1)[:, ~tie].flatten()
+            if uncertainty is not None:
+                uncertainty = uncertainty[~tie.to(uncertainty.device)]
         won = chosen > rejected
         self.pairs += chosen.numel()
-        self.loss += loss.double() * chosen.numel()
         self.correct += won.sum()
         self.margin += (chosen - rejected).sum()
         self.chosen += chosen.sum()
@@ -66,7 +78,7 @@ class PairMetrics(Metric):
         n = self.pairs.clamp(min=1)
         mean = (self.chosen + self.rejected) / (2 * n)
         out = {
-            "loss": self.loss / n,
+            "loss": self.loss / self.seen.clamp(min=1),
             "acc": self.correct / n,
             "margin": self.margin / n,
             "reward_chosen": self.chosen / n,
@@ -82,6 +94,9 @@ class PairMetrics(Metric):
             var = (self.xx / self.n - (self.x / self.n) ** 2) * (self.yy / self.n - (self.y / self.n) ** 2)
             if var > 0:
                 out["length_reward_corr"] = cov / var.sqrt()
+        if self.ties > 0:
+            out["ties"] = self.ties
+            out["tie_abs_margin"] = self.tie_margin / self.ties
         if self.uncertain > 0:
             out["uncertainty"] = self.uncertainty / self.uncertain
         return out

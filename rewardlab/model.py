@@ -26,7 +26,7 @@ from rewardlab.data.rows import DataError
 from rewardlab.features import FrozenTrunk, TrunkCache, open_trunk_cache
 from rewardlab.freeze import eval_frozen, modules_after_blocks
 from rewardlab.heads import Head
-from rewardlab.losses import Loss
+from rewardlab.losses import BradleyTerry, Loss, tie_of
 from rewardlab.metrics import PairMetrics, PairOutcomes
 from rewardlab.pooling import choose_pooling, pool, position_ids
 from rewardlab.shared_prompt import SharedBatch, as_kind, decide_sharing, mask_kind, pack
@@ -75,6 +75,8 @@ class RewardModel(L.LightningModule):
         self.head = head(hidden, head_init_std)
         self.head.check(loss)
         self.loss_fn, self.optimizer_factory, self.scheduler_factory = loss, optimizer, scheduler
+        # pairs are measured with the loss, or for a listwise or pointwise one Bradley–Terry (Plackett–Luce of two)
+        self.pair_loss_fn = loss if getattr(loss, "unit", "pairs") == "pairs" else BradleyTerry()
         self.head_lr_mult = head_lr_mult
         self.pass_positions = "position_ids" in inspect.signature(backbone.forward).parameters
         self.pooling = choose_pooling(backbone, pooling)
@@ -162,7 +164,9 @@ class RewardModel(L.LightningModule):
         group, each only as wide as its own longest sequence."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if self.sharing:
-            packed = pack(ids, mask)
+            group = batch.get("group")
+            members = None if group is None else [torch.nonzero(group == g).flatten().tolist() for g in group.unique()]
+            packed = pack(ids, mask, members)
             if packed.tokens < batch.get("padded_tokens", ids.numel()):
                 batch["padded_tokens"] = packed.tokens  # what this pass processes, for the throughput
                 batch["processed_real_tokens"] = packed.real_tokens
@@ -184,10 +188,13 @@ class RewardModel(L.LightningModule):
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None:
             return
-        if isinstance(self.loss_fn, Loss) and self.loss_fn.needs_margin:
+        if isinstance(self.pair_loss_fn, Loss) and self.pair_loss_fn.needs_margin:
             self._check_margins(datamodule)
         if stage == "fit" and datamodule.has("train"):
             self.head.prepare(datamodule.pairs_in("train"))
+            self._check_ties(datamodule)
+        if stage == "fit" and hasattr(self.head, "fit_targets") and "train" in datamodule.lists:
+            self.head.fit_targets(torch.from_numpy(datamodule.lists["train"].targets))
         if stage == "fit" and self.trunk is not None and self.feature_cache_dir is not None:
             self.train()  # frozen modules in eval mode, as they will run
             self.trunk_cache = open_trunk_cache(
@@ -274,15 +281,44 @@ class RewardModel(L.LightningModule):
     def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(what training minimises, the loss of the reward, chosen's and rejected's head outputs `(B, outputs)`).
         A head with an objective of its own (ensemble, ODIN) trains on it and logs it as `train/objective`
-        with its parts; the metrics' loss is always the pairwise loss of the reward, comparable across heads."""
+        with its parts; the metrics' loss is always the pairwise loss of the reward, comparable across heads.
+        A batch of groups (`loss=plackett_luce`, `loss=regression`) trains on its loss; its outputs are those
+        of the pairs within its groups, for the accuracy."""
+        if "group" in batch:
+            return self._group_step(batch)
         chosen, rejected = self.pair_outputs(batch, split)
-        loss = self.loss_fn(self.head.reward(chosen), self.head.reward(rejected), batch["margin"])
+        loss = self._pair_loss(self.head.reward(chosen), self.head.reward(rejected), batch)
         if split != "train" or type(self.head).objective is Head.objective:
             return loss, loss, chosen, rejected
         objective, parts = self.head.objective(self.loss_fn, chosen, rejected, batch)
         for name, value in {"objective": objective, **parts}.items():
             self.log(f"train/{name}", value, batch_size=chosen.shape[0])  # per step, this rank's
         return objective, loss, chosen, rejected
+
+    def _pair_loss(self, chosen: Tensor, rejected: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """The loss of pairs' rewards. Ties (evaluation only: training refuses them) count only for a loss
+        that learns from ties; for another, the loss is over the batch's decisive pairs (0 if none)."""
+        loss_fn = self.pair_loss_fn
+        if "tie" not in batch or getattr(loss_fn, "handles_ties", False):
+            return loss_fn(chosen, rejected, batch["margin"], **tie_of(loss_fn, batch))
+        decisive = ~batch["tie"].to(chosen.device)
+        if not bool(decisive.any()):
+            return (chosen - rejected).sum() * 0
+        return loss_fn(chosen[decisive], rejected[decisive], batch["margin"][decisive])
+
+    def _group_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """A batch of groups: every response in one pass, the loss of the lists (or of each response's
+        ratings); the pairs within groups (higher score first) give the accuracy metrics."""
+        outputs = self.batch_outputs(batch)
+        if self.loss_fn.unit == "points":
+            loss = self.loss_fn(outputs, self.head.normalised(batch["targets"]), self.head.log_var)
+        else:
+            loss = self.loss_fn(self.head.reward(outputs), batch["group"], batch["scores"])
+        group, scores = batch["group"], batch["scores"]
+        better, worse = torch.nonzero((group[:, None] == group[None, :]) & (scores[:, None] > scores[None, :])).T
+        tokens = batch["response_tokens"]
+        batch["pair_response_tokens"] = torch.cat([tokens[better.cpu()], tokens[worse.cpu()]])
+        return loss, loss, outputs[better.to(outputs.device)], outputs[worse.to(outputs.device)]
 
     def _update_metrics(
         self, split: str, batch: dict[str, Tensor], chosen: Tensor, rejected: Tensor, loss: Tensor
@@ -291,7 +327,8 @@ class RewardModel(L.LightningModule):
         the spread of the heads' margins. Returns them (detached): chosen's and rejected's rewards, the spread."""
         chosen, rejected, head = chosen.detach(), rejected.detach(), self.head
         found = head.reward(chosen), head.reward(rejected), head.uncertainty(chosen - rejected)
-        self._metrics(split).update(found[0], found[1], loss.detach(), batch["response_tokens"], found[2])
+        tokens = batch.get("pair_response_tokens", batch["response_tokens"])
+        self._metrics(split).update(found[0], found[1], loss.detach(), tokens, found[2], batch.get("tie"))
         return found
 
     def _finite(self, loss: Tensor, batch: dict[str, Tensor], batch_idx: int) -> bool:
@@ -321,9 +358,10 @@ class RewardModel(L.LightningModule):
         if not self._finite(objective, batch, batch_idx):
             return None  # Lightning skips backward and the optimizer step
         c, r, _ = self._update_metrics("train", batch, chosen, rejected, loss)
-        n = chosen.shape[0]
+        n = max(chosen.shape[0], 1)  # a batch of groups may hold no pair (ratings of one response)
         self.log("train/loss_step", loss, prog_bar=True, batch_size=n, sync_dist=True)  # mean over devices
-        self.log("train/acc_step", (c > r).float().mean(), prog_bar=True, batch_size=n, sync_dist=True)
+        acc = (c > r).float().mean() if len(c) else torch.tensor(0.5, device=c.device)
+        self.log("train/acc_step", acc, prog_bar=True, batch_size=n, sync_dist=True)
         return objective
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -333,7 +371,11 @@ class RewardModel(L.LightningModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         _, loss, chosen, rejected = self._step(batch, "test")
         c, r, spread = self._update_metrics("test", batch, chosen, rejected, loss)
-        self.test_outcomes.update(batch["index"], c, r, batch["response_tokens"], spread)
+        keep = ~batch["tie"] if "tie" in batch else slice(None)  # paired tests compare decisive pairs
+        tokens = batch["response_tokens"].view(2, -1)[:, keep].flatten()
+        self.test_outcomes.update(
+            batch["index"][keep], c[keep], r[keep], tokens, None if spread is None else spread[keep]
+        )
 
     def on_test_epoch_start(self) -> None:
         self.test_outcomes.reset()
@@ -354,6 +396,15 @@ class RewardModel(L.LightningModule):
                     f"{split} pairs have none (column '{datamodule.settings.columns['margin']}'); "
                     "use loss=bradley_terry"
                 )
+
+    def _check_ties(self, datamodule: Any) -> None:
+        """Tie pairs in the training data need a loss that learns from ties: refused before training."""
+        ties = datamodule.ties_in("train")
+        if ties and not getattr(self.loss_fn, "handles_ties", False):
+            raise DataError(
+                f"{ties} training pairs are ties ({datamodule.files['train']}, data.ties=keep), and the loss "
+                f"({type(self.loss_fn).__name__}) cannot learn from a tie: use loss=bt_ties, or data.ties=skip"
+            )
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

@@ -115,7 +115,8 @@ def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
     )
     model = build_model(cfg, backbone.model)
     model.eager_up_to = eager_up_to
-    return instantiate(cfg.data, tokenizer=backbone.tokenizer), model
+    unit = getattr(model.loss_fn, "unit", "pairs")  # what the loss trains on: pairs, lists or points
+    return instantiate(cfg.data, tokenizer=backbone.tokenizer, train_unit=unit), model
 
 
 def check_own_data(data: DictConfig, tested: bool = True) -> None:
@@ -223,9 +224,15 @@ def fill_newer_keys(cfg: DictConfig, ckpt_path: str) -> None:
         if node not in cfg:
             continue
         for key, value in OmegaConf.to_container(defaults, resolve=False).items():
-            if key not in cfg[node] and not key.startswith("_") and key != "defaults":
-                OmegaConf.update(cfg, f"{node}.{key}", value, force_add=True)
-                added.append(f"{node}.{key}={value}")
+            if key.startswith("_") or key == "defaults":
+                continue
+            stored = cfg[node].get(key)
+            missing = {key: value} if key not in cfg[node] else {}
+            if isinstance(value, dict) and isinstance(stored, DictConfig):  # columns added since: their own names
+                missing = {f"{key}.{k}": v for k, v in value.items() if k not in stored}
+            for name, new in missing.items():
+                OmegaConf.update(cfg, f"{node}.{name}", new, force_add=True)
+                added.append(f"{node}.{name}={new}")
     if added:
         log.warning("%s is from an older rewardlab: %s taken from today's defaults", ckpt_path, ", ".join(added))
 
@@ -282,3 +289,16 @@ def score_pairs(model: RewardModel, loader: DataLoader, bf16: bool = False) -> d
         name: torch.cat(values)[order].numpy() if name == "index" else torch.cat(values)[order].double().numpy()
         for name, values in parts.items()
     }
+
+
+@torch.inference_mode()
+def predict_ratings(model: RewardModel, dataset: Any, collate: Any, groups_per_batch: int = 8) -> tuple:
+    """Predicted ratings `(responses, attributes)` of every response of a group dataset (a split read as
+    groups), in the dataset's order, with the data's own ratings beside them."""
+    predicted, targets = [], []
+    for start in range(0, len(dataset), groups_per_batch):
+        batch = collate([dataset[i] for i in range(start, min(start + groups_per_batch, len(dataset)))])
+        outputs = model.batch_outputs(move_to_device(batch, model.device))
+        predicted.append(model.head.attributes(outputs).double().cpu())
+        targets.append(batch["targets"].double())
+    return torch.cat(predicted).numpy(), torch.cat(targets).numpy()

@@ -1,12 +1,14 @@
 """Score responses with an exported reward model:
 `python -m rewardlab.score model_dir=DIR input=IN.jsonl output=OUT.jsonl` (also `rewardlab-score`).
 
-Input rows are `{prompt, response}` or any pair schema of training (`{prompt, chosen, rejected}`,
+Input rows are `{prompt, response}`, `{prompt, responses: [...]}` (a ranking's K responses; each value the
+output adds is then a list in their order) or any pair schema of training (`{prompt, chosen, rejected}`,
 conversational, implicit; each file's schema decided from all its rows). Texts are formatted and
 truncated exactly as in training (the export records how) and scored by plain transformers in
 length-sorted batches. Every output row keeps all input fields and adds `reward` (per response),
 `reward_normalized` when the export has statistics, `reward_std` for an ensemble's export (the
-standard deviation of its heads' rewards, in reward units), and `text`: the formatted text that was scored
+standard deviation of its heads' rewards, in reward units), `attributes` for an attributes export (the
+predicted ratings, `{name: value}`), and `text`: the formatted text that was scored
 (when it had to be cut to `max_length`, the kept tokens decoded). The ids are the ones training gives
 the same pair.
 
@@ -36,6 +38,7 @@ import hydra
 from omegaconf import DictConfig
 from rich.progress import Progress
 
+from rewardlab.data.groups import check_response
 from rewardlab.data.rows import (
     BadRow,
     DataError,
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 
 ADDED = ("reward", "reward_normalized", "text", "error")  # an input row holding one is kept under `input`
 ADDED_WITH_STD = (*ADDED, "reward_std")  # the same for an ensemble's export
+ADDED_WITH_ATTRIBUTES = (*ADDED, "attributes")  # and for an attributes export
 
 
 def _plain(value: Any) -> Any:
@@ -182,7 +186,27 @@ def check_output(source: str, output: str, overwrite: bool) -> Path:
 
 
 def _is_single(row: Any, columns: dict[str, str]) -> bool:
-    return isinstance(row, dict) and columns["response"] in row
+    """A row of one response, or of a prompt's K responses (`responses`): not a pair."""
+    return isinstance(row, dict) and (columns["response"] in row or columns["responses"] in row)
+
+
+def _responses(row: dict, where: str, columns: dict[str, str]) -> tuple[Any, list] | BadRow:
+    """A `{prompt, responses: [...]}` row (a ranking's, its order fields unread): every response non-empty."""
+    if (bad := check_values(row, where)) is not None:
+        return bad
+    prompt, responses = row.get(columns["prompt"], ""), row[columns["responses"]]
+    if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and check_messages(prompt)):
+        return BadRow(
+            where, columns["prompt"], "not_a_string", f"expected a string or messages, got {prompt!r:.40}", row
+        )
+    if not isinstance(responses, list) or not responses:
+        return BadRow(
+            where, columns["responses"], "not_a_list", f"expected a list of responses, got {responses!r:.40}", row
+        )
+    for i, response in enumerate(responses):
+        if (bad := check_response(response, where, f"{columns['responses']}[{i}]", row)) is not None:
+            return bad
+    return prompt, responses
 
 
 def _pair_rows(part: Part, columns: dict[str, str]) -> Iterator[Any]:
@@ -206,7 +230,13 @@ def _single(row: dict, where: str, columns: dict[str, str]) -> tuple[Any, Any] |
 
 
 def _jobs(row: Any, where: str, choice: SchemaChoice, scorer: Scorer, columns: dict[str, str]) -> list | BadRow:
-    """What to score for one input row, `(side or None, text, ids)` per response, or why not."""
+    """What to score for one input row, `(side, text, ids)` per response, or why not; side is None for a
+    single response, chosen/rejected for a pair, the position for each of a row's `responses`."""
+    if isinstance(row, dict) and columns["responses"] in row:
+        found = _responses(row, where, columns)
+        if isinstance(found, BadRow):
+            return found
+        return [(i, *scorer.encode(found[0], response)) for i, response in enumerate(found[1])]
     if _is_single(row, columns):
         single = _single(row, where, columns)
         return single if isinstance(single, BadRow) else [(None, *scorer.encode(*single))]
@@ -250,7 +280,11 @@ def _score_chunk(chunk: list, scorer: Scorer, cfg: DictConfig, bar: _Bar) -> Ite
         else:
             jobs += [(i, *job) for job in result]
     sequences = [ids for *_, ids in jobs]
-    scored = scorer.score(sequences, bar, with_std=True) if scorer.has_std else scorer.score(sequences, bar)[:, None]
+    names = scorer.attributes or []
+    if scorer.has_std or names:  # each row: the reward, then the spread or the predicted ratings
+        scored = scorer.score(sequences, bar, with_std=scorer.has_std, with_attributes=bool(names))
+    else:
+        scored = scorer.score(sequences, bar)[:, None]
     results: dict[int, dict[str, Any]] = {}
     for (i, side, text, _), values in zip(jobs, scored):
         out = results.setdefault(i, {})
@@ -258,14 +292,22 @@ def _score_chunk(chunk: list, scorer: Scorer, cfg: DictConfig, bar: _Bar) -> Ite
         for key, value in (
             ("reward", reward),
             ("reward_normalized", scorer.normalized(reward)),
-            ("reward_std", float(values[1]) if len(values) > 1 else None),
+            ("reward_std", float(values[1]) if scorer.has_std else None),
+            ("attributes", dict(zip(names, map(float, values[1:]))) if names else None),
             ("text", text),
         ):
-            if value is not None:
-                out[key] = value if side is None else {**out.get(key, {}), side: value}
+            if value is None:
+                continue
+            if side is None:
+                out[key] = value
+            elif isinstance(side, int):  # the responses of a `responses` row, in their order
+                out.setdefault(key, []).append(value)
+            else:
+                out[key] = {**out.get(key, {}), side: value}
     for i, (_, row, _) in enumerate(chunk):
         base = row.row if isinstance(row, BadRow) else row
-        if not isinstance(base, dict) or any(key in base for key in (ADDED_WITH_STD if scorer.has_std else ADDED)):
+        added = ADDED_WITH_STD if scorer.has_std else ADDED_WITH_ATTRIBUTES if names else ADDED
+        if not isinstance(base, dict) or any(key in base for key in added):
             base = {"input": base}  # kept whole, not overwritten by what the output adds
         yield ({**base, "error": errors[i]}, False) if i in errors else ({**base, **results[i]}, True)
 

@@ -34,7 +34,7 @@ from rewardlab.data.batching import pad_sequences
 from rewardlab.data.formatting import Formatter, truncate
 from rewardlab.data.rows import DataError
 from rewardlab.errors import UserError
-from rewardlab.heads import EnsembleHead, Head
+from rewardlab.heads import AttributesHead, EnsembleHead, Head
 from rewardlab.pooling import last_token_index
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,8 @@ def head_module_name(model: PreTrainedModel) -> str:
 
 
 SAVED_DTYPES = ("float32", "bfloat16", "float16")
-HEAD_KINDS = ("linear", "ensemble", "odin")
+HEAD_KINDS = ("linear", "ensemble", "odin", "attributes")
+CARRIED = ("ensemble", "attributes")  # kinds whose outputs travel in the heads file
 
 
 def open_heads(folder: Path, info: dict[str, Any], model: PreTrainedModel) -> tuple[Head, nn.Linear] | None:
@@ -203,7 +204,7 @@ def open_heads(folder: Path, info: dict[str, Any], model: PreTrainedModel) -> tu
         return None
     if not isinstance(head, dict) or head.get("kind") not in HEAD_KINDS:
         raise UntrustedExport(f"{folder}: config.json's rewardlab.head is not what rewardlab.export writes: {head!r}")
-    if head["kind"] != "ensemble":
+    if head["kind"] not in CARRIED:
         if head.get("file") is not None or (folder / HEADS_FILE).exists():
             raise UntrustedExport(
                 f"{folder}: rewardlab.head.kind {head['kind']!r} carries no heads file, but one is named or present"
@@ -244,12 +245,40 @@ def open_heads(folder: Path, info: dict[str, Any], model: PreTrainedModel) -> tu
         )
     if not weight.isfinite().all():
         raise UntrustedExport(f"{path}: holds weights that are not finite (NaN or infinity)")
-    ensemble = EnsembleHead(weight.shape[1], None, weight.shape[0], bootstrap=False, seed=0)
-    ensemble.weight.data.copy_(weight.float())
-    saved = ensemble.reward_weight().detach().to(getattr(torch, head["dtype"]))
+    if head["kind"] == "ensemble":
+        rebuilt: Head = EnsembleHead(weight.shape[1], None, weight.shape[0], bootstrap=False, seed=0)
+    else:
+        rebuilt = attributes_head(folder, head, weight.shape[1], outputs)
+    rebuilt.weight.data.copy_(weight.float())
+    saved = rebuilt.reward_weight().detach().to(getattr(torch, head["dtype"]))
     if not torch.equal(saved.to(module.weight.dtype), module.weight.detach().cpu()):
-        raise UntrustedExport(f"{path}: the mean of its heads is not the model's reward head; not from this export")
-    return ensemble.eval().to(module.weight.device), module
+        what = "the mean of its heads" if head["kind"] == "ensemble" else "the combination of its attributes"
+        raise UntrustedExport(f"{path}: {what} is not the model's reward head; not from this export")
+    return rebuilt.eval().to(module.weight.device), module
+
+
+def attributes_head(folder: Path, head: dict[str, Any], hidden: int, outputs: int) -> AttributesHead:
+    """An attributes export's head from its config entry: names (distinct strings), combination weights,
+    means and stds (finite numbers, stds > 0), one per output; anything else is refused, naming the key."""
+    names = head.get("names")
+    if not (isinstance(names, list) and len(names) == outputs and all(isinstance(n, str) and n for n in names)
+            and len(set(names)) == outputs):  # fmt: skip
+        raise UntrustedExport(f"{folder}: rewardlab.head.names is {names!r}, expected {outputs} distinct names")
+    values = {}
+    for key in ("combination", "mean", "std"):
+        value = head.get(key)
+        numbers = isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+        )
+        if not numbers or len(value) != outputs:
+            raise UntrustedExport(f"{folder}: rewardlab.head.{key} is {value!r}, expected {outputs} finite numbers")
+        values[key] = torch.tensor(value, dtype=torch.float32)
+    if not bool((values["std"] > 0).all()):
+        raise UntrustedExport(f"{folder}: rewardlab.head.std is {head['std']!r}, expected numbers > 0")
+    rebuilt = AttributesHead(hidden, None, names, head["combination"], normalize=True)
+    rebuilt.mean.copy_(values["mean"])
+    rebuilt.std.copy_(values["std"])
+    return rebuilt
 
 
 def statistics(config: dict[str, Any], folder: str) -> tuple[float | None, float | None]:
@@ -273,11 +302,15 @@ class Scorer:
         self.model, self.tokenizer, config = open_export(Path(model_dir), trust_remote_code, getattr(torch, dtype))
         self.info = config["rewardlab"]
         self.heads = open_heads(Path(model_dir), self.info, self.model)
-        self.has_std = self.heads is not None  # an ensemble: rewards come with their heads' spread
-        if self.heads is not None:
+        kind = self.heads[0].kind if self.heads is not None else None
+        self.has_std = kind == "ensemble"  # rewards come with their heads' spread
+        self.attributes = self.heads[0].names if kind == "attributes" else None  # and with predicted ratings
+        if self.has_std:
             log.info(
                 "%s: an ensemble of %d heads; rewards come with their spread", model_dir, self.heads[0].weight.shape[0]
             )
+        if self.attributes:
+            log.info("%s: rewards come with predicted %s", model_dir, ", ".join(self.attributes))
         self.mean, self.std = statistics(config, model_dir)
         self.max_length, self.batch_size = self.info["max_length"], batch_size
         self.formatter = Formatter(
@@ -319,13 +352,20 @@ class Scorer:
         return self.formatter.texts(prompt, response)[1]
 
     @torch.inference_mode()
-    def score(self, sequences: list[list[int]], progress: Any = None, with_std: bool = False) -> np.ndarray:
+    def score(
+        self, sequences: list[list[int]], progress: Any = None, with_std: bool = False, with_attributes: bool = False
+    ) -> np.ndarray:
         """Rewards `(N,)` of token id sequences, computed in batches of similar length, in input order;
-        `with_std` (an ensemble's export): `(N, 2)`, each reward and the standard deviation of its heads.
+        `with_std` (an ensemble's export): `(N, 2)`, each reward and the standard deviation of its heads;
+        `with_attributes` (an attributes export): `(N, 1 + attributes)`, each reward and its predicted ratings.
         `progress` (a rich Progress) advances as batches finish."""
-        if with_std and self.heads is None:
+        if with_std and not self.has_std:
             raise ValueError("with_std: this export has one head, no spread to report")
-        rewards = np.zeros((len(sequences), 2 if with_std else 1))
+        if with_attributes and not self.attributes:
+            raise ValueError("with_attributes: this export has no attribute heads")
+        with_std = with_std or with_attributes
+        width = 1 + (len(self.attributes) if with_attributes else 1) if with_std else 1
+        rewards = np.zeros((len(sequences), width))
         order = np.argsort([-len(s) for s in sequences], kind="stable")
         task = progress.add_task("scoring", total=len(sequences)) if progress else None
         for start in range(0, len(order), self.batch_size):
@@ -342,7 +382,8 @@ class Scorer:
 
     def _with_std(self, input_ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         """`(N, 2)`: the model's reward, and the spread of the ensemble's heads on the state its reward
-        module reads (every position for a native model, which then picks the last real token)."""
+        module reads (every position for a native model, which then picks the last real token); for an
+        attributes export `(N, 1 + attributes)`, the reward and the predicted ratings."""
         heads, module = self.heads
         seen: list[torch.Tensor] = []
         handle = module.register_forward_hook(lambda m, args, out: seen.append(args[0]))
@@ -353,7 +394,9 @@ class Scorer:
         state = seen[-1]
         if state.ndim == 3:
             state = state[torch.arange(len(state), device=state.device), last_token_index(mask)]
-        return torch.stack([logits, heads.uncertainty(heads(state.to(heads.weight.device)))], 1).cpu().numpy()
+        outputs = heads(state.to(heads.weight.device))
+        extra = heads.attributes(outputs) if self.attributes else heads.uncertainty(outputs)[:, None]
+        return torch.cat([logits[:, None], extra.to(logits.device)], 1).cpu().numpy()
 
     def normalized(self, reward: float) -> float | None:
         return (reward - self.mean) / self.std if self.mean is not None and self.std else None

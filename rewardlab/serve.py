@@ -3,8 +3,9 @@
 
 OpenRLHF's remote reward protocol: `POST /get_reward` with `{"query": [full texts]}` answers
 `{"rewards": [...]}` (an ensemble's export: `{"rewards": [...], "uncertainties": [...]}`, each reward's
-heads' standard deviation, scaled like the rewards when `normalize`); `{"prompts": [...], "responses":
-[...]}` is formatted as in training first.
+heads' standard deviation, scaled like the rewards when `normalize`; an attributes export also answers
+`"attributes": [{name: predicted rating}, ...]`, in the ratings' units, never normalised);
+`{"prompts": [...], "responses": [...]}` is formatted as in training first.
 `GET /health` answers `{"status": "ok"}`. Concurrent requests share forward passes, so one client
 must not be able to hurt another: a request is read within `read_timeout_s` and `max_body_bytes`
 (counted on the bytes read), parsed and checked item by item before it joins a batch (a bad item
@@ -189,7 +190,12 @@ class RewardService:
             )
         tokenizer = self.scorer.tokenizer
         self.specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
-        score = (lambda seqs: self.scorer.score(seqs, with_std=True)) if self.scorer.has_std else self.scorer.score
+        names = self.scorer.attributes
+        score = (
+            (lambda seqs: self.scorer.score(seqs, with_std=self.scorer.has_std, with_attributes=bool(names)))
+            if self.scorer.has_std or names
+            else self.scorer.score
+        )
         self.batcher = Batcher(score, cfg.batch_size, cfg.max_wait_ms / 1000)
         self.parser = ThreadPoolExecutor(1, thread_name_prefix="reward-parse")  # one tokenizer user at a time
 
@@ -290,6 +296,9 @@ class RewardService:
         answer = {"rewards": rewards}
         if self.scorer.has_std:  # each item is [reward, spread]
             answer = {"rewards": [r for r, _ in rewards], "uncertainties": [u for _, u in rewards]}
+        elif self.scorer.attributes:  # each item is [reward, rating, ...]: the ratings in the data's units
+            answer = {"rewards": [item[0] for item in rewards],
+                      "attributes": [dict(zip(self.scorer.attributes, item[1:])) for item in rewards]}  # fmt: skip
         if self.cfg.normalize:
             answer["rewards"] = [self.scorer.normalized(r) for r in answer["rewards"]]
             if "uncertainties" in answer:  # in units of the statistics' std, as the rewards

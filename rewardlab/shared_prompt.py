@@ -1,4 +1,4 @@
-"""Shared prompt: a decoder reads the prompt once for both responses.
+"""Shared prompt: a decoder reads the prompt once for both responses (or all K of a ranking).
 
 Chosen and rejected begin with the same tokens (the formatted prompt). A causal backbone's hidden
 states over those tokens do not depend on what follows them, so one row
@@ -28,43 +28,58 @@ MASKS = {"eager": "additive", "sdpa": "boolean"}  # the 4D mask each attention i
 
 @dataclass
 class SharedBatch:
-    """B rows, one per pair, and where in them each reward is read."""
+    """One row per group of sequences that share a prompt (a pair, or a ranking's K responses), and where
+    in them each sequence's reward is read."""
 
-    input_ids: Tensor  # (B, T)
-    attention_mask: Tensor  # (B, 1, T, T), True where a token may attend
-    position_ids: Tensor  # (B, T)
-    read: Tensor  # (2B,) indices into the flattened (B·T) positions: chosen rewards, then rejected
-    tokens: int  # B·T, the tokens the pass processes (padding included)
+    input_ids: Tensor  # (G, T)
+    attention_mask: Tensor  # (G, 1, T, T), True where a token may attend
+    position_ids: Tensor  # (G, T)
+    read: Tensor  # (N,) indices into the flattened (G·T) positions, in the batch's sequence order
+    tokens: int  # G·T, the tokens the pass processes (padding included)
     real_tokens: int  # of which real: shared prompt tokens once, then each response's own
 
 
-def pack(input_ids: Tensor, attention_mask: Tensor, pad_id: int = 0) -> SharedBatch:
-    """The `(2B, L)` chosen-then-rejected batch as B shared rows. Each response keeps at least its last
-    token of its own, so both rewards are read from tokens in their own part."""
+def pack(
+    input_ids: Tensor, attention_mask: Tensor, groups: list[list[int]] | None = None, pad_id: int = 0
+) -> SharedBatch:
+    """The batch's sequences as one row per group (default: the pairs of a `(2B, L)` chosen-then-rejected
+    batch): the first sequence whole, then each other's rest after the prefix all of them share, whose
+    positions restart where they part and which sees only the shared prefix and itself. Each sequence
+    keeps at least its last token of its own, so every reward is read from a token in its own part."""
     real = [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]
-    pairs = len(real) // 2
-    rows, positions, starts, chosen_ends, ends = [], [], [], [], []
-    for chosen, rejected in zip(real[:pairs], real[pairs:]):
-        n = min(len(chosen), len(rejected)) - 1
-        shared = int((chosen[:n] == rejected[:n]).int().cumprod(0).sum()) if n > 0 else 0
-        rows.append(torch.cat([chosen, rejected[shared:]]))
-        positions.append(torch.cat([torch.arange(len(chosen)), torch.arange(shared, len(rejected))]))
-        starts.append(shared)
-        chosen_ends.append(len(chosen))
-        ends.append(len(rows[-1]))
-    width = max(ends)
-    ids = torch.full((pairs, width), pad_id, dtype=input_ids.dtype)
-    pos = torch.zeros((pairs, width), dtype=torch.long)
-    for b, (row, p) in enumerate(zip(rows, positions)):
-        ids[b, : len(row)], pos[b, : len(p)] = row, p
+    if groups is None:
+        half = len(real) // 2
+        groups = [[b, b + half] for b in range(half)]
+    rows, positions, segments, shared_lengths, reads = [], [], [], [], [(0, 0)] * len(real)
+    for g, members in enumerate(groups):
+        seqs = [real[i] for i in members]
+        n = min(len(s) for s in seqs) - 1
+        alike = [s[:n] == seqs[0][:n] for s in seqs[1:]]
+        same = torch.stack(alike).all(0) if n > 0 and alike else torch.zeros(0, dtype=torch.bool)
+        shared = int(same.int().cumprod(0).sum())
+        parts = [seqs[0]] + [s[shared:] for s in seqs[1:]]
+        rows.append(torch.cat(parts))
+        positions.append(torch.cat([torch.arange(len(seqs[0]))] + [torch.arange(shared, len(s)) for s in seqs[1:]]))
+        segments.append(torch.cat([torch.full((len(p),), j) for j, p in enumerate(parts)]))
+        shared_lengths.append(shared)
+        end = 0
+        for i, part in zip(members, parts):
+            end += len(part)
+            reads[i] = (g, end - 1)
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(groups), width), pad_id, dtype=input_ids.dtype)
+    pos = torch.zeros((len(groups), width), dtype=torch.long)
+    seg = torch.full((len(groups), width), -1, dtype=torch.long)
+    for g, (row, p, s) in enumerate(zip(rows, positions, segments)):
+        ids[g, : len(row)], pos[g, : len(p)], seg[g, : len(s)] = row, p, s
     q = torch.arange(width).view(1, -1, 1)
     k = torch.arange(width).view(1, 1, -1)
-    start, chosen_end, end = (torch.tensor(v).view(-1, 1, 1) for v in (starts, chosen_ends, ends))
-    allowed = (k <= q) & ((k < end) | (k == q))  # causal over real tokens; padding sees itself (no empty row)
-    allowed &= ~((q >= chosen_end) & (k >= start) & (k < chosen_end))  # rejected never sees chosen's rest
-    mask = allowed.unsqueeze(1)
-    read = torch.tensor([b * width + e - 1 for last in (chosen_ends, ends) for b, e in enumerate(last)])
-    return SharedBatch(ids, mask, pos, read, pairs * width, sum(ends))
+    shared = torch.tensor(shared_lengths).view(-1, 1, 1)
+    seg_q, seg_k = seg.unsqueeze(2), seg.unsqueeze(1)
+    # causal over real tokens, within a token's own part or the shared prefix; padding sees itself (no empty row)
+    allowed = ((k <= q) & (seg_k >= 0) & ((seg_k == seg_q) | (k < shared))) | (k == q)
+    read = torch.tensor([g * width + e for g, e in reads])
+    return SharedBatch(ids, allowed.unsqueeze(1), pos, read, len(groups) * width, sum(len(r) for r in rows))
 
 
 def mask_kind(backbone: torch.nn.Module) -> str | None:

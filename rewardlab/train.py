@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from rewardlab.analysis import length_accuracy, pearson, uncertainty_accuracy
+from rewardlab.analysis import attribute_errors, length_accuracy, pearson, uncertainty_accuracy
 from rewardlab.callbacks import Throughput
 from rewardlab.checkpoints import UntrustedCheckpoint, checkpoint_file, linear_head, read_checkpoint, stored_config
 from rewardlab.checks import ConfigError
@@ -36,7 +36,7 @@ from rewardlab.errors import UserError, one_line_errors
 from rewardlab.model import RewardModel
 from rewardlab.progress import duration
 from rewardlab.redaction import redact
-from rewardlab.run import build, build_trainer, finish_loggers
+from rewardlab.run import build, build_trainer, finish_loggers, predict_ratings
 from rewardlab.runfolder import claimed
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,11 @@ def fit_and_test(
         if trainer.is_global_zero:
             results |= write_test_pairs(Path(cfg.paths.output_dir), datamodule, outcomes["index"], outcomes["margin"])
             results |= test_analysis(outcomes, cfg.uncertainty_quantiles)
+        if "test" in datamodule.lists and trainer.is_global_zero:  # regression: each attribute's errors
+            model.eval()
+            predicted, targets = predict_ratings(model, datamodule.lists["test"], datamodule.list_collator)
+            errors = attribute_errors(predicted, targets, model.head.names)
+            results |= {f"test/{k}": v for k, v in errors.items()}
     return results
 
 

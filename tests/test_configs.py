@@ -74,6 +74,14 @@ def needs(group: str, option: str, local_model: Path, margin_data: Path) -> list
         return [f"backbone.name_or_path={local_model}"]
     if (group, option) in (("data", "default"), ("experiment", "length_heads")):  # the latter: your data
         return [f"data.train_file={QUIZ}/train.jsonl", f"data.val_file={QUIZ}/val.jsonl"]
+    ratings = [f"data.{s}_file={FIXTURES}/ratings.jsonl" for s in ("train", "val", "test")]
+    ratings += ["data.attributes=[helpful,concise]", "data.attribute_weights=[1.0,0.5]"]
+    if group == "method" or (group, option) == ("experiment", "ratings_compare"):  # the methods for ratings
+        return ratings
+    if (group, option) in (("loss", "regression"), ("head", "attributes")):
+        return [*ratings, "head=attributes", "loss=regression"]
+    if (group, option) == ("loss", "bt_ties"):
+        return [f"data.{s}_file={FIXTURES}/ties.jsonl" for s in ("train", "val", "test")] + ["data.ties=keep"]
     if (group, option) == ("experiment", "hh_rlhf"):  # the hub names, swapped for local stand-ins
         return [
             f"backbone.name_or_path={local_model}",
@@ -99,6 +107,7 @@ def test_every_group_has_options():
         "callbacks",
         "paths",
         "experiment",
+        "method",
         "debug",
     } <= set(GROUPS)
     assert (CONF / "hydra" / "default.yaml").exists()

@@ -63,7 +63,7 @@ def test_every_row_read_is_used_or_reported(lines, tmp_path_factory, tiny_tokeni
     folder = tmp_path_factory.mktemp("prop")
     source = folder / "train.jsonl"
     source.write_bytes(b"".join(line + b"\n" for line in lines))
-    s = Settings("explicit", "sep", None, COLUMNS, 48, "truncate", "skip", "text")
+    s = Settings("explicit", "sep", None, COLUMNS, 48, "truncate", "skip", "text", "skip", "all", 0.0, {"score": 1.0})
     build_cache(str(source), "train", tiny_tokenizer, s, folder / "cache")
     dataset = PairDataset(folder / "cache")
     counts = dataset.meta["counts"]

@@ -32,6 +32,7 @@ class FakeScorer:
     with rows can be tested in milliseconds; `exported` below checks the real one."""
 
     has_std = False  # one head: no spread to report
+    attributes = None  # and no attributes
 
     def __init__(self, *args: object) -> None:
         self.prompts: list = []

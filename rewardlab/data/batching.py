@@ -73,8 +73,8 @@ class PairCollator:
     max_chunks: int
     chunk_overhead_tokens: int
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        seqs = [it["chosen"] for it in items] + [it["rejected"] for it in items]
+    def sequences(self, seqs: list[Any], prompt_tokens: list[int]) -> dict[str, Any]:
+        """The padded batch of `seqs` with its length chunks, and each one's response tokens."""
         input_ids, attention_mask = pad_sequences(seqs, self.pad_id, self.padding_side, self.pad_to_multiple_of)
         lengths = np.array([len(s) for s in seqs])
         chunks = length_chunks(lengths, self.max_chunks, self.chunk_overhead_tokens) if self.max_chunks > 1 else []
@@ -84,15 +84,39 @@ class PairCollator:
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "margin": torch.tensor([it["margin"] for it in items], dtype=torch.float32),
-            "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
             # response tokens of each sequence (its length after the prompt), for length metrics and ODIN
-            "response_tokens": torch.from_numpy(lengths - np.tile([it.get("prompt_tokens", 0) for it in items], 2)),
+            "response_tokens": torch.from_numpy(lengths - np.asarray(prompt_tokens, dtype=lengths.dtype)),
             "padded_tokens": sum(w * len(c) for w, c in zip(widths, chunks)) if len(chunks) > 1 else input_ids.numel(),
         }
         if len(chunks) > 1:
             batch["chunks"] = [torch.from_numpy(c) for c in chunks]
             batch["chunk_widths"] = widths
+        return batch
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        seqs = [it["chosen"] for it in items] + [it["rejected"] for it in items]
+        batch = self.sequences(seqs, [it.get("prompt_tokens", 0) for it in items] * 2)
+        batch["margin"] = torch.tensor([it["margin"] for it in items], dtype=torch.float32)
+        batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        if any(it.get("tie") for it in items):
+            batch["tie"] = torch.tensor([it["tie"] for it in items], dtype=torch.bool)
+        return batch
+
+
+@dataclass
+class ListCollator(PairCollator):
+    """Every response of a batch's groups in one `(N, L)` batch (grouped by length into passes like pairs):
+    `group` `(N,)` says which of the batch's groups each belongs to, `scores` `(N,)` its score in its group,
+    `targets` `(N, attributes)` its ratings; `index` `(G,)` the groups' cache indices."""
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        seqs = [s for it in items for s in it["sequences"]]
+        batch = self.sequences(seqs, [n for it in items for n in it["prompt_tokens"]])
+        sizes = [len(it["sequences"]) for it in items]
+        batch["group"] = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(sizes))
+        batch["scores"] = torch.from_numpy(np.concatenate([it["scores"] for it in items])).float()
+        batch["targets"] = torch.from_numpy(np.concatenate([it["targets"] for it in items])).float()
+        batch["index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
         return batch
 
 
@@ -118,6 +142,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         world_size: int = 1,
         key: str = "data.batch_size",
         max_tokens: int | None = None,
+        sizes: np.ndarray | None = None,
     ):
         if batch_size % world_size:
             raise DataError(
@@ -126,7 +151,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.lengths, self.batch_size, self.shuffle = lengths, batch_size, shuffle
         self.group_by_length, self.group_batches, self.seed = group_by_length, group_batches, seed
         self.rank, self.world_size, self.epoch = rank, world_size, 0
-        self.max_tokens = max_tokens
+        self.max_tokens, self.sizes = max_tokens, sizes
         self.resume_at: tuple[int, int] | None = None  # (epoch, batches already trained in it)
 
     def set_epoch(self, epoch: int) -> None:
@@ -153,18 +178,22 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     def _cut(self, order: np.ndarray) -> list[np.ndarray]:
         """Consecutive batches of `batch_size` pairs; with `max_tokens`, a batch ends before the pair
         that would take it over the budget (2 sequences × pairs × its longest), keeping at least one
-        pair per device and a multiple of the world size."""
+        pair per device and a multiple of the world size. Groups (`sizes`: sequences per item) fill a
+        batch up to the sequences of `batch_size` pairs (2 × batch_size) instead."""
         b, n = self.batch_size, len(order)
-        if not self.max_tokens:
+        if not self.max_tokens and self.sizes is None:
             return [order[i : i + b] for i in range(0, n, b)]
+        sizes = np.full(len(self.lengths), 2) if self.sizes is None else self.sizes
         batches, i = [], 0
         while i < n:
-            take, longest = 0, 0
-            while i + take < n and take < b:
-                longer = max(longest, int(self.lengths[order[i + take]]), 1)
-                if take >= self.world_size and 2 * (take + 1) * longer > self.max_tokens:
+            take, longest, seqs = 0, 0, 0
+            while i + take < n and (take < b or self.sizes is not None):
+                item = order[i + take]
+                longer, more = max(longest, int(self.lengths[item]), 1), seqs + int(sizes[item])
+                over = bool(self.max_tokens) and more * longer > self.max_tokens
+                if take >= self.world_size and (over or (self.sizes is not None and more > 2 * b)):
                     break
-                take, longest = take + 1, longer
+                take, longest, seqs = take + 1, longer, more
             if take > self.world_size:
                 take = take // self.world_size * self.world_size
             batches.append(order[i : i + take])
@@ -183,6 +212,6 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             yield share.tolist()
 
     def __len__(self) -> int:
-        if not self.max_tokens:
+        if not self.max_tokens and self.sizes is None:
             return -(-len(self.lengths) // self.batch_size)
         return len(self.batches())  # this epoch's: a token budget cuts each epoch's order its own way

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from array import array
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,11 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from rewardlab.data.formatting import Formatter, resolve_format, truncate
+from rewardlab.data.groups import Group, decide_kind, group_pairs, read_groups
 from rewardlab.data.rows import BadRow, DataError, Pair, check_row, decide_schema, split_schema
-from rewardlab.data.sources import chunks, source_parts
+from rewardlab.data.sources import Part, chunks, source_parts
 
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"
 
 
 @dataclass
@@ -40,6 +41,10 @@ class Settings:
     truncation: str
     on_bad_row: str
     special_tokens_in_text: str
+    ties: str  # keep or skip tie pairs
+    pairs: str  # from rankings and ratings: all or adjacent
+    min_gap: float  # and only where the scores differ by at least this much
+    attributes: dict[str, float]  # ratings' attributes and their weights in the combined score
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -79,6 +84,75 @@ def make_formatter(tokenizer: PreTrainedTokenizerBase, s: Settings, schema: str)
     return Formatter(tokenizer, style, s.chat_template, s.max_length, s.special_tokens_in_text)
 
 
+Checked = tuple[int, str, Any, Pair | BadRow]  # row index, where, the raw row, the pair or why not
+
+
+def _counted(part: Part, counts: Counter) -> Iterator[tuple[str, Any]]:
+    """A part's rows with blank lines counted and left out (not rows: they never stop training)."""
+    for where, row in part.rows():
+        if isinstance(row, BadRow) and row.code == "blank_line":
+            counts["blank_lines"] += 1
+            continue
+        counts["read"] += 1
+        yield where, row
+
+
+def split_kind(parts: list[Part], s: Settings) -> str:
+    """What a split's files hold (pairs, rankings or ratings), decided per file from all its rows; one split
+    holds one kind."""
+    kinds = {p.name: decide_kind((r for _, r in p.rows()), s.columns, p.name) for p in parts}
+    if len(set(kinds.values())) > 1:
+        listed = ", ".join(f"{name} holds {kind}" for name, kind in kinds.items())
+        raise DataError(f"the files of one split must hold one kind of row: {listed}")
+    return next(iter(kinds.values()), "pairs")
+
+
+def read_split_groups(parts: list[Part], kind: str, s: Settings, counts: Counter) -> list[tuple[int, Group | BadRow]]:
+    """Every group (or bad row) of a rankings or ratings split, with its row index in reading order."""
+    items, offset = [], 0
+    for part in parts:
+        before = counts["read"]
+        found = list(read_groups(_counted(part, counts), kind, s.columns, s.attributes))
+        items += [(offset + index, item) for index, item in found]
+        for _, item in found:
+            if isinstance(item, Group):
+                item.rows = [offset + r for r in item.rows]
+        offset += counts["read"] - before
+    return items
+
+
+def checked_rows(parts: list[Part], s: Settings, counts: Counter) -> tuple[str, bool, str, Iterator[Checked]]:
+    """The split's kind, whether it is conversational, its schema, and each row checked: a pair file's rows
+    one by one; a rankings or ratings file's groups as the pairs `group_pairs` makes of them (`made`)."""
+    kind = split_kind(parts, s)
+    if kind == "pairs":
+        choices = [decide_schema((r for _, r in p.rows()), s.columns, s.schema, p.name) for p in parts]
+
+        def pair_rows() -> Iterator[Checked]:
+            rows = (
+                (where, row, choice) for part, choice in zip(parts, choices) for where, row in _counted(part, counts)
+            )
+            for index, (where, row, choice) in enumerate(rows):
+                yield index, where, row, check_row(row, where, choice, s.columns)
+
+        chat = any(c.schema == "conversational" for c in choices)
+        return kind, chat, split_schema(choices), pair_rows()
+    items = read_split_groups(parts, kind, s, counts)
+    chat = any(isinstance(g, Group) and isinstance(g.prompt, list) for _, g in items)
+
+    def group_rows() -> Iterator[Checked]:
+        for index, item in items:
+            if isinstance(item, BadRow):
+                yield index, item.where, item.row, item
+                continue
+            for pair, where, row_index in group_pairs(item, s.pairs, s.min_gap, s.ties, counts):
+                counts["made"] += 1
+                row = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+                yield row_index, where, row, pair
+
+    return kind, chat, "conversational" if chat else "explicit", group_rows()
+
+
 def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Settings, out: Path) -> None:
     """Read, check, tokenize and truncate one split into `out`, streaming in chunks so memory does
     not grow with the dataset. Written to a temporary folder and renamed, so concurrent jobs of a
@@ -87,19 +161,19 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     counts: Counter[str] = Counter()
     lengths, prompt_lengths, rows_used, subsets = array("i"), array("i"), array("q"), array("i")
-    margins, pair_hashes = array("f"), array("q")
+    margins, pair_hashes, ties = array("f"), array("q"), array("b")
     subset_codes: dict[str, int] = {}
-    schema = formatter = None
+    schema = formatter = kind = None
     try:
         with open(tmp / "ids.bin", "wb") as ids_file, open(tmp / "bad_rows.jsonl", "w", encoding="utf-8") as bad:
 
-            def reject(b: BadRow, kind: str) -> None:
-                counts[f"{kind}:{b.code}"] += 1
+            def reject(b: BadRow, how: str) -> None:
+                counts[f"{how}:{b.code}"] += 1
                 bad.write(
                     json.dumps(
                         {
                             "split": split,
-                            "kind": kind,
+                            "kind": how,
                             "where": b.where,
                             "field": b.field,
                             "code": b.code,
@@ -112,21 +186,12 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
                     + "\n"
                 )
 
-            row_index = 0
-            parts = source_parts(spec, split)  # each file's schema from all its rows: a first pass
-            choices = [decide_schema((r for _, r in p.rows()), s.columns, s.schema, p.name) for p in parts]
-            schema = split_schema(choices)
-            chat = any(c.schema == "conversational" for c in choices)
+            parts = source_parts(spec, split)  # each file's kind and schema from all its rows: a first pass
+            kind, chat, schema, rows = checked_rows(parts, s, counts)
             formatter = make_formatter(tokenizer, s, "conversational" if chat else schema)
-            rows = ((where, row, choice) for part, choice in zip(parts, choices) for where, row in part.rows())
             for chunk in chunks(rows):
                 good: list[tuple[int, str, Any, Pair]] = []
-                for where, row, choice in chunk:
-                    if isinstance(row, BadRow) and row.code == "blank_line":
-                        counts["blank_lines"] += 1  # not a row: never stops training
-                        continue
-                    counts["read"] += 1
-                    result = check_row(row, where, choice, s.columns)
+                for row_index, where, row, result in chunk:
                     if isinstance(result, BadRow):
                         if s.on_bad_row == "error":
                             raise DataError(
@@ -134,9 +199,10 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
                                 "lists them in bad_rows.jsonl)"
                             )
                         reject(result, "skipped")
+                    elif result.tie and s.ties == "skip":
+                        reject(BadRow(where, None, "tie", "a tie (data.ties=skip)", row), "dropped")
                     else:
                         good.append((row_index, where, row, result))
-                    row_index += 1
                 if not good:
                     continue
                 encoded = formatter.encode_items(
@@ -182,12 +248,15 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
                     if cut:
                         counts[f"truncated:{cut}"] += 1
                     counts["used"] += 1
+                    if p.tie:
+                        counts["ties"] += 1
                     pair = np.asarray(c + r, dtype=np.int32).tobytes()
                     ids_file.write(pair)
                     pair_hashes.append(pair_hash(pair, len(c)))
                     lengths.extend((len(c), len(r)))
                     prompt_lengths.append(min(n_prompt, len(c), len(r)))
                     margins.append(p.margin)
+                    ties.append(p.tie)
                     rows_used.append(index)
                     subsets.append(subset_codes.setdefault(p.subset, len(subset_codes)))
         np.save(tmp / "lengths.npy", np.frombuffer(lengths, dtype=np.int32))
@@ -196,10 +265,12 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
         np.save(tmp / "row.npy", np.frombuffer(rows_used, dtype=np.int64))
         np.save(tmp / "subset.npy", np.frombuffer(subsets, dtype=np.int32))
         np.save(tmp / "pair_hash.npy", np.frombuffer(pair_hashes, dtype=np.int64))
+        np.save(tmp / "tie.npy", np.frombuffer(ties, dtype=np.int8).astype(bool))
         meta = {
             "source": spec,
             "split": split,
             "schema": schema,
+            "kind": kind,
             "format": formatter and formatter.style,
             "subsets": list(subset_codes),
             "counts": dict(counts),
@@ -214,7 +285,8 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
 
 
 def summary_line(meta: dict[str, Any]) -> str:
-    """One line per split: pairs read, used, truncated, dropped and skipped, with reasons; blank lines."""
+    """One line per split: pairs read (or rows read and the pairs made of them), used, ties, truncated,
+    dropped and skipped, with reasons; blank lines."""
     counts = meta["counts"]
 
     def group(prefix: str) -> tuple[int, str]:
@@ -224,9 +296,19 @@ def summary_line(meta: dict[str, Any]) -> str:
     truncated, t_why = group("truncated")
     dropped, d_why = group("dropped")
     skipped, s_why = group("skipped")
+    kind = meta.get("kind", "pairs")
+    read = f"{counts.get('read', 0)} pairs read from {meta['source']}"
+    if kind != "pairs":
+        not_paired, n_why = group("not_paired")
+        read = (
+            f"{counts.get('read', 0)} {kind} rows read from {meta['source']}, {counts.get('made', 0)} pairs made of "
+            f"them ({not_paired} not made: {n_why or 'none'})"
+        )
     return (
-        f"data {meta['split']}: {counts.get('read', 0)} pairs read from {meta['source']}, "
-        f"{counts.get('used', 0)} used; {truncated} truncated ({t_why or 'none'}), "
+        f"data {meta['split']}: {read}, {counts.get('used', 0)} used"
+        + (f" ({counts['ties']} of them ties)" if counts.get("ties") else "")
+        + "; "
+        + f"{truncated} truncated ({t_why or 'none'}), "
         f"{dropped} dropped ({d_why or 'none'}), {skipped} bad rows skipped ({s_why or 'none'})"
         + (f", {counts['blank_lines']} blank lines ignored" if counts.get("blank_lines") else "")
         + f" [schema {meta['schema']}, format {meta['format']}]"
@@ -249,6 +331,7 @@ class PairDataset(Dataset):
         self.row = np.load(folder / "row.npy")
         self.subset = np.load(folder / "subset.npy")
         self.pair_hash = np.load(folder / "pair_hash.npy")
+        self.tie = np.load(folder / "tie.npy")
         self.index = np.arange(len(self.margin)) if index is None else index
         self.lengths = self.seq_lengths.max(axis=1)[self.index]
 
@@ -267,6 +350,7 @@ class PairDataset(Dataset):
             "chosen": self.ids[o[2 * j] : o[2 * j + 1]],
             "rejected": self.ids[o[2 * j + 1] : o[2 * j + 2]],
             "margin": float(self.margin[j]),
+            "tie": bool(self.tie[j]),
             "index": j,
             "prompt_tokens": int(self.prompt_lengths[j]),
         }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -15,13 +16,29 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from rewardlab.data.batching import LengthGroupedBatchSampler, PairCollator
+from rewardlab.data.batching import LengthGroupedBatchSampler, ListCollator, PairCollator
 from rewardlab.data.cache import CACHE_VERSION, PairDataset, Settings, build_cache, summary_line, tokenizer_fingerprint
 from rewardlab.data.formatting import FORMATS, SPECIAL_TOKENS_IN_TEXT, ensure_pad_token
+from rewardlab.data.groups import PAIRINGS
+from rewardlab.data.lists import ListDataset, build_list_cache, list_summary
 from rewardlab.data.rows import SCHEMAS, DataError
 from rewardlab.data.sources import fingerprint_source
 
 log = logging.getLogger(__name__)
+COLUMNS = (
+    "prompt",
+    "chosen",
+    "rejected",
+    "margin",
+    "subset",
+    "tie",
+    "responses",
+    "ranks",
+    "scores",
+    "response",
+    "score",
+)
+UNITS = ("pairs", "lists", "points")  # what a training batch holds, decided by the loss (`Loss.unit`)
 # The datamodule restores the data position itself (PreferenceDataModule.state_dict), which this
 # warning of Lightning's, about DataLoaders without state, does not know.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
@@ -59,6 +76,13 @@ class PreferenceDataModule(L.LightningDataModule):
         cache_dir: str,
         report_dir: str | None,
         seed: int,
+        ties: str,
+        pairs_from: str | None,
+        pairs: str,
+        min_gap: float,
+        attributes: list[str],
+        attribute_weights: list[float],
+        train_unit: str = "pairs",
     ):
         super().__init__()
         ensure_pad_token(tokenizer)
@@ -83,26 +107,53 @@ class PreferenceDataModule(L.LightningDataModule):
             ("schema", schema, ("auto", *SCHEMAS)),
             ("format", format, ("auto", *FORMATS)),
             ("special_tokens_in_text", special_tokens_in_text, SPECIAL_TOKENS_IN_TEXT),
+            ("ties", ties, ("keep", "skip")),
+            ("pairs_from", pairs_from, (None, "rankings", "ratings")),
+            ("pairs", pairs, PAIRINGS),
         ):
             if value not in options:
                 raise DataError(f"data.{key}: unknown {value!r}; expected one of {', '.join(options)}")
-        missing = {"prompt", "chosen", "rejected", "margin", "subset"} - set(columns)
+        missing = set(COLUMNS) - set(columns)
         if missing:
             raise DataError(f"data.columns: missing {sorted(missing)}; map each to the column name in your data")
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"data.val_fraction={val_fraction}: expected a number in [0, 1)")
+        if not (isinstance(min_gap, (int, float)) and 0 <= min_gap < float("inf")):
+            raise DataError(f"data.min_gap={min_gap}: expected a finite number >= 0")
+        names, weights = list(attributes or []), list(attribute_weights or [])
+        if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+            raise DataError(f"data.attributes={names}: expected a list of distinct attribute names")
+        if len(weights) != len(names) or not all(isinstance(w, (int, float)) and abs(w) < math.inf for w in weights):
+            raise DataError(
+                f"data.attribute_weights={weights}: expected one finite number per attribute of data.attributes {names}"
+            )
+        attributes = dict(zip(names, map(float, weights)))
+        if train_unit not in UNITS:
+            raise DataError(f"train_unit: unknown {train_unit!r}; expected one of {', '.join(UNITS)}")
         self.tokenizer = tokenizer
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         self.settings = Settings(
-            schema, format, chat_template, dict(columns), max_length, truncation, on_bad_row, special_tokens_in_text
+            schema,
+            format,
+            chat_template,
+            dict(columns),
+            max_length,
+            truncation,
+            on_bad_row,
+            special_tokens_in_text,
+            ties,
+            pairs,
+            float(min_gap),
+            attributes,
         )
+        self.pairs_from, self.train_unit = pairs_from, train_unit
+        self.lists: dict[str, ListDataset] = {}  # lists for training (plackett_luce, regression) and test (ratings)
         self.batch_size, self.eval_batch_size, self.eval_max_tokens = batch_size, eval_batch_size, eval_max_tokens
         self.max_tokens_per_batch = max_tokens_per_batch
         self.train_sampler: LengthGroupedBatchSampler | None = None
         self.val_fraction, self.group_by_length, self.group_batches = val_fraction, group_by_length, group_batches
-        self.collator = PairCollator(
-            tokenizer.pad_token_id, padding_side, pad_to_multiple_of, max_chunks, chunk_overhead_tokens
-        )
+        collator = (tokenizer.pad_token_id, padding_side, pad_to_multiple_of, max_chunks, chunk_overhead_tokens)
+        self.collator, self.list_collator = PairCollator(*collator), ListCollator(*collator)
         self.num_workers, self.seed = num_workers, seed
         self.cache_dir = Path(cache_dir)
         self.report_dir = Path(report_dir) if report_dir else None
@@ -140,24 +191,52 @@ class PreferenceDataModule(L.LightningDataModule):
         ).hexdigest()[:20]
         return self.cache_dir / f"{split}-{key}"
 
+    def list_cache_path(self, split: str) -> Path:
+        """Where the split's groups are cached (`rewardlab.data.lists`), beside its pairs."""
+        pairs = self.cache_path(split)
+        return pairs.with_name(f"lists-{pairs.name}")
+
+    def list_splits(self) -> list[str]:
+        """The splits read as groups: training for a listwise or pointwise loss, and test for regression
+        (its per-attribute errors)."""
+        if self.train_unit == "pairs":
+            return []
+        return ["train"] + (["test"] if self.train_unit == "points" and self.files["test"] else [])
+
+    def pair_splits(self) -> list[str]:
+        """The splits read as pairs: validation and test always (every loss is measured on the same pairs)."""
+        return [s for s, spec in self.files.items() if spec and (s != "train" or self.train_unit == "pairs")]
+
     def prepare_data(self) -> None:
         """Tokenize every split not yet cached; every split is checked before training starts."""
-        for split, spec in self.files.items():
-            if spec and not (path := self.cache_path(split)).exists():
-                log.info("tokenizing %s split from %s (cached in %s)", split, spec, path)
-                build_cache(spec, split, self.tokenizer, self.settings, path)
+        for split in self.pair_splits():
+            if not (path := self.cache_path(split)).exists():
+                log.info("tokenizing %s split from %s (cached in %s)", split, self.files[split], path)
+                build_cache(self.files[split], split, self.tokenizer, self.settings, path)
+        for split in self.list_splits():
+            if self.files[split] and not (path := self.list_cache_path(split)).exists():
+                log.info("tokenizing %s split as groups from %s (cached in %s)", split, self.files[split], path)
+                build_list_cache(self.files[split], split, self.tokenizer, self.settings, path)
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "fit" and not self.files["train"]:
             raise DataError("data.train_file is not set")
         if stage == "fit" and not self.files["val"] and not self.val_fraction:
             raise DataError("no validation data: set data.val_file, or data.val_fraction to hold out part of train")
-        if self.datasets:
+        if self.datasets or self.lists:
             return
-        for split, spec in self.files.items():
-            if spec:
-                self.datasets[split] = PairDataset(self.cache_path(split))
+        for split in self.pair_splits():
+            self.datasets[split] = PairDataset(self.cache_path(split))
+        for split in self.list_splits():
+            if self.files[split]:
+                self.lists[split] = ListDataset(self.list_cache_path(split), 2 if self.train_unit == "lists" else 1)
+        self.check_kinds()
         if self.val_fraction and not self.files["val"]:
+            if self.train_unit != "pairs":
+                raise DataError(
+                    "data.val_fraction holds out pairs of the training data, but this loss trains on groups: "
+                    "give data.val_file (validation is on pairs, made of its rankings or ratings)"
+                )
             train = self.datasets["train"]
             order = np.random.default_rng(self.seed).permutation(len(train))
             n_val = max(1, round(len(train) * self.val_fraction))
@@ -172,6 +251,32 @@ class PreferenceDataModule(L.LightningDataModule):
                 raise DataError(
                     f"data {split}: no pairs left after checking and truncation ({summary_line(dataset.meta)})"
                 )
+        for split, groups in self.lists.items():
+            if len(groups) == 0:
+                raise DataError(f"data {split}: no groups left to train on ({list_summary(groups.meta, 0)})")
+
+    def check_kinds(self) -> None:
+        """What the training file holds must fit the loss and `data.pairs_from`: refused clearly, not guessed."""
+        meta = (
+            self.datasets.get("train")
+            or self.lists.get("train")
+            or self.datasets.get("test")
+            or self.datasets.get("val")
+        )
+        if meta is None or not self.files["train"]:
+            return
+        kind, source = meta.meta.get("kind", "pairs"), self.files["train"]
+        if self.train_unit == "pairs" and kind != "pairs" and self.pairs_from != kind:
+            raise DataError(
+                f"{source} holds {kind}, and this loss trains on pairs: set data.pairs_from={kind} to make pairs "
+                "of them (data.pairs, data.min_gap), or train on them as they are with loss=plackett_luce "
+                "or loss=regression"
+            )
+        if self.pairs_from is not None and (self.train_unit != "pairs" or kind != self.pairs_from):
+            why = f"{source} holds {kind}" if kind != self.pairs_from else "this loss trains on groups, not pairs"
+            raise DataError(f"data.pairs_from={self.pairs_from}: {why}; unset it (data.pairs_from=null)")
+        if self.train_unit == "points" and kind != "ratings":
+            raise DataError(f"loss=regression fits ratings, but {source} holds {kind}: give a file of ratings rows")
 
     def warn_shared_pairs(self) -> None:
         """A validation or test pair that is also a training pair inflates held-out accuracy: say how many."""
@@ -200,6 +305,12 @@ class PreferenceDataModule(L.LightningDataModule):
                 log.info(summary_line(self.datasets[split].meta))
                 text = (self.datasets[split].folder / "bad_rows.jsonl").read_text(encoding="utf-8")
                 lines += text.split("\n")[:-1]  # not splitlines(): rows may hold U+2028 or U+0085
+        for groups in self.lists.values():
+            log.info(list_summary(groups.meta, len(groups)))
+            if short := int((np.diff(groups.group_offsets) < (2 if self.train_unit == "lists" else 1)).sum()):
+                log.info("data %s: %d prompts with one response left out (a listwise loss compares responses)",
+                         groups.meta["split"], short)  # fmt: skip
+            lines += (groups.folder / "bad_rows.jsonl").read_text(encoding="utf-8").split("\n")[:-1]
         if lines and self.report_dir is not None:
             self.report_dir.mkdir(parents=True, exist_ok=True)
             (self.report_dir / "bad_rows.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -211,7 +322,8 @@ class PreferenceDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         """Training batches are shuffled and length-grouped; evaluation batches sorted by length."""
         rank, world = self._rank()
-        dataset = self.datasets[split]
+        as_lists = shuffle and self.train_unit != "pairs"
+        dataset = self.lists[split] if as_lists else self.datasets[split]
         key, batch_size = (
             ("data.batch_size", self.batch_size) if shuffle else ("data.eval_batch_size", self.eval_batch_size)
         )
@@ -226,10 +338,11 @@ class PreferenceDataModule(L.LightningDataModule):
             world,
             key,
             max_tokens=self.max_tokens_per_batch if shuffle else self.eval_max_tokens,
+            sizes=dataset.sizes if as_lists else None,
         )
         options = dict(
             batch_sampler=sampler,
-            collate_fn=self.collator,
+            collate_fn=self.list_collator if as_lists else self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             # its own generator: starting an iterator draws a seed, which must not move the global one
@@ -245,7 +358,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, int]:
         """The training data position, saved in every checkpoint. Lightning's own route (a stateful
         DataLoader) is not taken: it loads the position only after the loader has been built."""
-        if self.trainer is None or "train" not in self.datasets:
+        if self.trainer is None or not (self.has("train") or "train" in self.lists):
             return {}
         loop = self.trainer.fit_loop
         # Saved after an epoch ended (max_steps on its last batch), the batch count is the finished epoch's.
@@ -255,7 +368,9 @@ class PreferenceDataModule(L.LightningDataModule):
             "batches_trained": loop.epoch_loop.batch_progress.current.processed if started else 0,
             "batches_per_epoch": len(self.train_sampler)
             if self.train_sampler is not None
-            else -(-len(self.datasets["train"]) // self.batch_size),
+            else -(-len(self.datasets["train"]) // self.batch_size)
+            if "train" in self.datasets
+            else len(self.lists["train"]),
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -280,9 +395,13 @@ class PreferenceDataModule(L.LightningDataModule):
             log.info("resuming epoch %d after its first %d batches", state["epoch"], state["batches_trained"])
 
     def counts(self) -> dict[str, int]:
-        """Pairs read, used, truncated, dropped and skipped per split, for the run's results."""
+        """Pairs read, used, truncated, dropped and skipped per split, for the run's results (a split
+        trained on as groups: its rows and responses)."""
         out: dict[str, int] = {}
-        for split, dataset in self.datasets.items():
+        for split, dataset in [
+            *self.datasets.items(),
+            *((s, g) for s, g in self.lists.items() if s not in self.datasets),
+        ]:
             kinds = ("read", "used", "truncated", "dropped", "skipped", "blank_lines")
             out |= {f"data/{split}/{kind}": 0 for kind in kinds}
             if dataset.meta["split"] != split:  # val held out of train: counted under train
@@ -317,10 +436,19 @@ class PreferenceDataModule(L.LightningDataModule):
         dataset = self.datasets[split]
         return dataset.folder.name, dataset.seq_lengths.ravel()
 
+    def ties_in(self, split: str) -> int:
+        """How many of the split's pairs are ties."""
+        dataset = self.datasets[split]
+        return int(dataset.tie[dataset.index].sum())
+
     def missing_margins(self) -> dict[str, tuple[int, int]]:
         """Per split: how many of its pairs have no margin, of how many."""
         return {s: (int(np.isnan(d.margin[d.index]).sum()), len(d)) for s, d in self.datasets.items()}
 
     def rows_of(self, split: str, pairs: list[int]) -> str:
-        """Where pairs (cache indices, as in a batch's `index`) came from, for error messages."""
+        """Where pairs (cache indices, as in a batch's `index`; groups' for a split read as groups) came from."""
+        if split in self.lists and self.train_unit != "pairs":
+            groups = self.lists[split]
+            rows = sorted(int(groups.row[groups.group_offsets[g]]) + 1 for g in pairs)
+            return f"the groups starting at rows {rows} (1-based) of {groups.meta['source']} ({split} split)"
         return self.datasets[split].rows_of(pairs)

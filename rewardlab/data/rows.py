@@ -40,6 +40,7 @@ class Pair:
     rejected: str | list[dict]
     margin: float
     subset: str
+    tie: bool = False  # neither response is preferred (`data.columns.tie`); chosen/rejected is then only an order
 
 
 @dataclass
@@ -226,7 +227,7 @@ def _split_implicit(chosen: str, rejected: str) -> int:
     return n
 
 
-def _margin(value: Any, row: Any) -> float | str:
+def parse_number(value: Any, row: Any) -> float | str:
     """A number (a plain decimal string too); None, or an empty CSV cell, means no margin."""
     if value is None or (value == "" and isinstance(row, TextRow)):
         return math.nan
@@ -242,6 +243,18 @@ def _margin(value: Any, row: Any) -> float | str:
     except ValueError:  # Decimal('sNaN')
         number = math.nan
     return number if math.isfinite(number) else f"expected a finite number, got {describe_value(value)}"
+
+
+def parse_flag(value: Any, row: Any) -> bool | str:
+    """A yes/no field such as `tie`: true/false (as JSON, or the text of a CSV cell); None, or an empty
+    cell, is false. Anything else is a reason: 1, "yes" or "tie" are not guessed at."""
+    if value is None or (value == "" and isinstance(row, TextRow)):
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(row, TextRow) and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return f"expected true or false, got {describe_value(value)}"
 
 
 def _squeezed(value: str | list[dict]) -> Any:
@@ -293,11 +306,14 @@ def _check(row: Any, where: str, schema: str, c: dict[str, str], why: str) -> Pa
             f"so this row's {c['prompt']!r} would be lost",
             row,
         )
-    margin = _margin(row.get(c["margin"]), row)
+    margin = parse_number(row.get(c["margin"]), row)
     if isinstance(margin, str):
         return BadRow(where, c["margin"], "bad_margin", margin, row)
     subset = row.get(c["subset"])
     subset = "" if subset is None else str(subset)
+    tie = parse_flag(row.get(c["tie"]), row) if "tie" in c else False
+    if isinstance(tie, str):
+        return BadRow(where, c["tie"], "bad_tie", tie, row)
     chosen, rejected, prompt = row[c["chosen"]], row[c["rejected"]], row.get(c["prompt"])
 
     if schema == "conversational":
@@ -323,7 +339,7 @@ def _check(row: Any, where: str, schema: str, c: dict[str, str], why: str) -> Pa
         for key, value in (("chosen", chosen), ("rejected", rejected)):
             if not "".join(m["content"] for m in value).strip():
                 return BadRow(where, c[key], "empty_response", "empty response", row)
-        return _distinct(Pair(prompt, chosen, rejected, margin, subset), where, c, row)
+        return _distinct(Pair(prompt, chosen, rejected, margin, subset, tie), where, c, row)
 
     fields = (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) if schema == "explicit" else ())
     for key, value in fields:
@@ -335,7 +351,7 @@ def _check(row: Any, where: str, schema: str, c: dict[str, str], why: str) -> Pa
     for key, value in (("chosen", chosen), ("rejected", rejected)):
         if not value.strip():
             return BadRow(where, c[key], "empty_response", "empty response", row)
-    return _distinct(Pair(prompt, chosen, rejected, margin, subset), where, c, row)
+    return _distinct(Pair(prompt, chosen, rejected, margin, subset, tie), where, c, row)
 
 
 def _distinct(pair: Pair, where: str, c: dict[str, str], row: Any) -> Pair | BadRow:

@@ -11,7 +11,10 @@ from rewardlab.data.module import PreferenceDataModule
 
 from ..conftest import FIXTURES
 
-COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "margin": "margin", "subset": "subset"}
+COLUMNS = {
+    name: name
+    for name in ("prompt", "chosen", "rejected", "margin", "subset", "tie", "responses", "ranks", "scores", "response")
+} | {"score": "score"}
 
 
 def datamodule(tokenizer, tmp_path: Path, **overrides) -> PreferenceDataModule:
@@ -42,6 +45,12 @@ def datamodule(tokenizer, tmp_path: Path, **overrides) -> PreferenceDataModule:
         cache_dir=str(tmp_path / "cache"),
         report_dir=str(tmp_path / "run"),
         seed=0,
+        ties="skip",
+        pairs_from=None,
+        pairs="all",
+        min_gap=0,
+        attributes=["score"],
+        attribute_weights=[1.0],
     )
     kwargs.update(overrides)
     return PreferenceDataModule(tokenizer, **kwargs)

@@ -1,0 +1,169 @@
+"""Lists: a split tokenized as whole groups (a prompt and all its responses, with their scores), for losses
+that read every response of a prompt at once (`loss=plackett_luce`) or each response with its ratings
+(`loss=regression`). A pairs split becomes groups of two (chosen scored 1, rejected 0; a tie 0 and 0), so
+listwise losses train on pairs too. Validation and test stay pairs: every loss is measured on the same pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from array import array
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from rewardlab.data.cache import Settings, checked_rows, make_formatter, read_split_groups, split_kind
+from rewardlab.data.formatting import truncate
+from rewardlab.data.groups import Group
+from rewardlab.data.rows import BadRow, DataError
+from rewardlab.data.sources import source_parts
+
+Item = tuple[int, Group | BadRow]
+
+
+def _pair_groups(parts: list, s: Settings, counts: Counter) -> tuple[bool, list[Item]]:
+    """A pairs split as groups of two, in reading order."""
+    _, chat, _, rows = checked_rows(parts, s, counts)
+    items: list[Item] = []
+    for index, where, _, pair in rows:
+        if isinstance(pair, BadRow):
+            items.append((index, pair))
+        elif pair.tie and s.ties == "skip":
+            counts["dropped:tie"] += 1
+        else:
+            scores = [0.0, 0.0] if pair.tie else [1.0, 0.0]
+            group = Group(
+                pair.prompt, [pair.chosen, pair.rejected], scores, None, [where] * 2, [index] * 2, pair.subset
+            )
+            items.append((index, group))
+    return chat, items
+
+
+def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Settings, out: Path) -> None:
+    """Read, check, tokenize and truncate one split's groups into `out` (written aside and renamed, like the
+    pairs cache). Each response is truncated on its own (prompt first, from the left); a response longer
+    than `max_length` with `truncation=drop` is dropped from its group, and counted."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    counts: Counter[str] = Counter()
+    lengths, prompt_lengths, rows, offsets = array("i"), array("i"), array("q"), array("q", [0])
+    scores, targets = array("f"), array("f")
+    parts = source_parts(spec, split)
+    kind = split_kind(parts, s)
+    if kind == "pairs":
+        chat, items = _pair_groups(parts, s, counts)
+    else:
+        items = read_split_groups(parts, kind, s, counts)
+        chat = any(isinstance(g, Group) and isinstance(g.prompt, list) for _, g in items)
+    formatter = make_formatter(tokenizer, s, "conversational" if chat else "explicit")
+    n_attributes = len(s.attributes) if kind == "ratings" else 0
+    bad_rows = []
+    try:
+        with open(tmp / "ids.bin", "wb") as ids_file:
+            for _, item in items:
+                if isinstance(item, BadRow):
+                    if s.on_bad_row == "error":
+                        raise DataError(f"{item.message()} (data.on_bad_row=skip skips such rows)")
+                    counts[f"skipped:{item.code}"] += 1
+                    bad_rows.append({"split": split, "kind": "skipped", "where": item.where, "reason": item.reason})
+                    continue
+                encoded = formatter.encode_items([(item.prompt, r) for r in item.responses])
+                kept = 0
+                for k, enc in enumerate(encoded):
+                    problem = enc if isinstance(enc, str) else None
+                    if problem is None and len(enc.ids) > s.max_length and s.truncation == "drop":
+                        problem = f"longer than max_length={s.max_length} (data.truncation=drop)"
+                    if problem is not None:
+                        if s.on_bad_row == "error" and isinstance(enc, str):
+                            raise DataError(f"{item.where[k]}: {problem} (data.on_bad_row=skip skips such rows)")
+                        counts["dropped:response"] += 1
+                        bad_rows.append({"split": split, "kind": "dropped", "where": item.where[k], "reason": problem})
+                        continue
+                    ids, _, cut, n_prompt = truncate(
+                        enc.ids, enc.ids, enc.n_prompt, formatter.n_protected, s.max_length
+                    )
+                    if cut:
+                        counts[f"truncated:{cut}"] += 1
+                    ids_file.write(np.asarray(ids, dtype=np.int32).tobytes())
+                    lengths.append(len(ids))
+                    prompt_lengths.append(min(n_prompt, len(ids)))
+                    rows.append(item.rows[k])
+                    scores.append(item.scores[k])
+                    targets.extend(item.attributes[k] if n_attributes else [])
+                    kept += 1
+                counts["used"] += kept
+                offsets.append(offsets[-1] + kept)
+        for name, values, dtype in (
+            ("lengths", lengths, np.int32),
+            ("prompt_lengths", prompt_lengths, np.int32),
+            ("row", rows, np.int64),
+            ("offsets", offsets, np.int64),
+            ("scores", scores, np.float32),
+        ):
+            np.save(tmp / f"{name}.npy", np.frombuffer(values, dtype=dtype))
+        np.save(tmp / "targets.npy", np.frombuffer(targets, dtype=np.float32).reshape(len(lengths), n_attributes))
+        (tmp / "bad_rows.jsonl").write_text("".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad_rows))
+        meta = {"source": spec, "split": split, "kind": kind, "format": formatter.style, "counts": dict(counts),
+                "attributes": list(s.attributes) if n_attributes else []}  # fmt: skip
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.rename(tmp, out)
+    except OSError:
+        if not out.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def list_summary(meta: dict[str, Any], groups: int) -> str:
+    c = meta["counts"]
+    return (
+        f"data {meta['split']} (as lists): {c.get('read', 0)} {meta['kind']} rows read from {meta['source']}, "
+        f"{groups} prompts with {c.get('used', 0)} responses used; {c.get('dropped:response', 0)} responses dropped, "
+        f"{sum(v for k, v in c.items() if k.startswith('skipped:'))} bad rows skipped [format {meta['format']}]"
+    )
+
+
+class ListDataset(Dataset):
+    """Groups served from a list cache folder: the groups with at least `min_size` responses."""
+
+    def __init__(self, folder: Path, min_size: int):
+        self.folder = folder
+        self.meta = json.loads((folder / "meta.json").read_text())
+        self.seq_lengths = np.load(folder / "lengths.npy")
+        self.prompt_lengths = np.load(folder / "prompt_lengths.npy")
+        self.group_offsets = np.load(folder / "offsets.npy")
+        self.scores = np.load(folder / "scores.npy")
+        self.targets = np.load(folder / "targets.npy")
+        self.row = np.load(folder / "row.npy")
+        self.seq_offsets = np.concatenate([[0], np.cumsum(self.seq_lengths, dtype=np.int64)])
+        size = int(self.seq_offsets[-1])
+        self.ids = np.memmap(folder / "ids.bin", dtype=np.int32, mode="r") if size else np.zeros(0, np.int32)
+        sizes = np.diff(self.group_offsets)
+        self.index = np.flatnonzero(sizes >= min_size)
+        self.sizes = sizes[self.index]
+        self.lengths = np.array(
+            [self.seq_lengths[self.group_offsets[g] : self.group_offsets[g + 1]].max() for g in self.index],
+            dtype=np.int64,
+        )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        g = int(self.index[i])
+        first, last = self.group_offsets[g], self.group_offsets[g + 1]
+        o = self.seq_offsets
+        return {
+            "sequences": [self.ids[o[n] : o[n + 1]] for n in range(first, last)],
+            "prompt_tokens": self.prompt_lengths[first:last].tolist(),
+            "scores": self.scores[first:last],
+            "targets": self.targets[first:last],
+            "index": g,
+        }
