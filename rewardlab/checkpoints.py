@@ -167,3 +167,37 @@ def checked_config(stored: Any, source: str, allow_targets: Iterable[str], trust
         raise refuse(key, f"holds a {type(node).__name__}, not a config value")
 
     return OmegaConf.create({g: clean(stored[g], g, top=True) for g in BUILT_FROM_CHECKPOINT if g in stored})
+
+
+def save_run_state(checkpoint: dict[str, Any], run_config: dict[str, Any] | None, skipped_nonfinite: int) -> None:
+    """Carry the run's resolved config, so eval/export rebuild the model from the checkpoint alone, and the
+    random generators' state, so a resumed run draws what the uninterrupted one would have (dropout).
+    Tensors only: the checkpoint stays loadable with `weights_only`."""
+    if run_config is not None:
+        checkpoint["rewardlab_config"] = run_config
+    checkpoint["rng"] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    checkpoint["skipped_nonfinite"] = skipped_nonfinite
+
+
+def restore_run_state(checkpoint: dict[str, Any], fitting: bool, group_names: list[str]) -> int:
+    """Before Lightning loads a checkpoint: the random generators (when fitting), names for optimizer groups
+    saved before they had them, and an ended epoch not counted against the next; returns the skipped count."""
+    if "rng" in checkpoint and fitting:
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    for state in checkpoint.get("optimizer_states", []):
+        groups = state.get("param_groups", [])
+        if len(groups) == len(group_names):
+            for group, name in zip(groups, group_names):
+                group.setdefault("name", name)
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = loop.get("epoch_progress", {}).get("current"), loop.get("epoch_loop.batch_progress")
+    if epochs and batches and epochs["started"] == epochs["completed"]:
+        # Saved after its epoch ended (max_steps on the epoch's last batch): the next epoch has not
+        # started, but Lightning would count the finished epoch's batches against it and skip it.
+        batches["current"] = dict.fromkeys(batches["current"], 0)
+        batches["is_last_batch"] = False
+    return checkpoint.get("skipped_nonfinite", 0)

@@ -11,11 +11,14 @@ score (`PlackettLuce`); or `points`, each response with its ratings (`Regression
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rewardlab.checks import ConfigError
+from rewardlab.data.rows import DataError
 
 
 class Loss:
@@ -30,6 +33,25 @@ class Loss:
 
     def __call__(self, chosen: Tensor, rejected: Tensor, margin: Tensor, tie: Tensor | None = None) -> Tensor:
         return self.pairwise(chosen, rejected, margin, tie).mean()
+
+
+def check_data(loss: object, datamodule: Any, fitting: bool) -> None:
+    """Before training or testing, the data must hold what the loss reads: a margin for every pair of every
+    split (`needs_margin`), and no tie pair to train on unless the loss learns from ties."""
+    if getattr(loss, "needs_margin", False):
+        for split, (missing, total) in datamodule.missing_margins().items():
+            if missing:
+                raise DataError(
+                    f"the loss ({type(loss).__name__}) needs a margin for every pair, but {missing} of {total} "
+                    f"{split} pairs have none (column '{datamodule.settings.columns['margin']}'); "
+                    "use loss=bradley_terry"
+                )
+    ties = datamodule.ties_in("train") if fitting and datamodule.has("train") else 0
+    if ties and not getattr(loss, "handles_ties", False):
+        raise DataError(
+            f"{ties} training pairs are ties ({datamodule.files['train']}, data.ties=keep), and the loss "
+            f"({type(loss).__name__}) cannot learn from a tie: use loss=bt_ties, or data.ties=skip"
+        )
 
 
 def tie_of(loss: object, batch: dict[str, Tensor], per_head: bool = False) -> dict[str, Tensor]:

@@ -21,13 +21,14 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric
 from transformers import PreTrainedModel
 
+from rewardlab.checkpoints import restore_run_state, save_run_state
 from rewardlab.checks import ConfigError
-from rewardlab.data.rows import DataError
 from rewardlab.features import FrozenTrunk, TrunkCache, open_trunk_cache
 from rewardlab.freeze import eval_frozen, modules_after_blocks
 from rewardlab.heads import Head
-from rewardlab.losses import BradleyTerry, Loss, tie_of
+from rewardlab.losses import BradleyTerry, check_data, tie_of
 from rewardlab.metrics import PairMetrics, PairOutcomes
+from rewardlab.optim import clip_gradients
 from rewardlab.pooling import choose_pooling, pool, position_ids
 from rewardlab.shared_prompt import SharedBatch, as_kind, decide_sharing, mask_kind, pack
 from rewardlab.speed import ActivationEstimate, free_memory_bytes
@@ -181,18 +182,16 @@ class RewardModel(L.LightningModule):
         return torch.cat(parts)[torch.argsort(torch.cat(batch["chunks"]))]
 
     def setup(self, stage: str) -> None:
-        """Before fitting: whether pairs share their prompt's pass; check margins where the loss needs
-        them; open the frozen-trunk caches."""
+        """Before fitting: whether pairs share their prompt's pass; check the data has what the loss needs
+        (margins, a loss for its ties); open the frozen-trunk caches."""
         if self.sharing is None:
             self.sharing = decide_sharing(self, self.share_prompt)  # (only `last` pooling can share)
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None:
             return
-        if isinstance(self.pair_loss_fn, Loss) and self.pair_loss_fn.needs_margin:
-            self._check_margins(datamodule)
+        check_data(self.pair_loss_fn, datamodule, fitting=stage == "fit")
         if stage == "fit" and datamodule.has("train"):
             self.head.prepare(datamodule.pairs_in("train"))
-            self._check_ties(datamodule)
         if stage == "fit" and hasattr(self.head, "fit_targets") and "train" in datamodule.lists:
             self.head.fit_targets(torch.from_numpy(datamodule.lists["train"].targets))
         if stage == "fit" and self.trunk is not None and self.feature_cache_dir is not None:
@@ -387,25 +386,6 @@ class RewardModel(L.LightningModule):
         self._metrics(split).reset()
         return values
 
-    def _check_margins(self, datamodule: Any) -> None:
-        """A loss that reads margins needs one for every pair: checked on all splits before training."""
-        for split, (missing, total) in datamodule.missing_margins().items():
-            if missing:
-                raise DataError(
-                    f"the loss ({type(self.loss_fn).__name__}) needs a margin for every pair, but {missing} of {total} "
-                    f"{split} pairs have none (column '{datamodule.settings.columns['margin']}'); "
-                    "use loss=bradley_terry"
-                )
-
-    def _check_ties(self, datamodule: Any) -> None:
-        """Tie pairs in the training data need a loss that learns from ties: refused before training."""
-        ties = datamodule.ties_in("train")
-        if ties and not getattr(self.loss_fn, "handles_ties", False):
-            raise DataError(
-                f"{ties} training pairs are ties ({datamodule.files['train']}, data.ties=keep), and the loss "
-                f"({type(self.loss_fn).__name__}) cannot learn from a tie: use loss=bt_ties, or data.ties=skip"
-            )
-
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
 
@@ -443,13 +423,8 @@ class RewardModel(L.LightningModule):
         fused optimizers even in bf16 and fp32, where there is nothing to unscale."""
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        if not gradient_clip_val:
-            return None
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        if gradient_clip_val:
+            clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         return None
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -460,32 +435,8 @@ class RewardModel(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Carry the run's resolved config, so eval/export rebuild the model from the checkpoint alone,
-        and the random generators' state, so a resumed run draws what the uninterrupted one would have
-        (dropout). Tensors only: the checkpoint stays loadable with `weights_only`."""
-        if self.run_config is not None:
-            checkpoint["rewardlab_config"] = self.run_config
-        checkpoint["rng"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint["skipped_nonfinite"] = self.skipped_nonfinite
+        save_run_state(checkpoint, self.run_config, self.skipped_nonfinite)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "rng" in checkpoint and self.trainer.state.fn == "fit":
-            torch.set_rng_state(checkpoint["rng"]["torch"])
-            if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        self.skipped_nonfinite = checkpoint.get("skipped_nonfinite", 0)
         names = [g["name"] for g in self.parameter_groups()]
-        for state in checkpoint.get("optimizer_states", []):  # saved before groups had names: give them theirs
-            groups = state.get("param_groups", [])
-            if len(groups) == len(names):
-                for group, name in zip(groups, names):
-                    group.setdefault("name", name)
-        loop = checkpoint.get("loops", {}).get("fit_loop", {})
-        epochs, batches = loop.get("epoch_progress", {}).get("current"), loop.get("epoch_loop.batch_progress")
-        if epochs and batches and epochs["started"] == epochs["completed"]:
-            # Saved after its epoch ended (max_steps on the epoch's last batch): the next epoch has not
-            # started, but Lightning would count the finished epoch's batches against it and skip it.
-            batches["current"] = dict.fromkeys(batches["current"], 0)
-            batches["is_last_batch"] = False
+        self.skipped_nonfinite = restore_run_state(checkpoint, self.trainer.state.fn == "fit", names)

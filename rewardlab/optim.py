@@ -63,3 +63,12 @@ def warmup_schedule(optimizer: Optimizer, total_steps: int, shape: str, warmup: 
         return min_lr_ratio + (1 - min_lr_ratio) * decay
 
     return LambdaLR(optimizer, factor)
+
+
+def clip_gradients(optimizer: Optimizer, value: float, algorithm: str | None) -> None:
+    """Clip every parameter's gradient by `value` (`algorithm` value) or their total norm (norm, the default)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(params, value)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, value)

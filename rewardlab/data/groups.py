@@ -22,6 +22,7 @@ from typing import Any
 
 from rewardlab.data.rows import (
     BadRow,
+    DataError,
     Pair,
     check_messages,
     check_values,
@@ -271,3 +272,19 @@ def group_pairs(
             continue
         pair = Pair(group.prompt, group.responses[hi], group.responses[lo], gap, group.subset, tie=gap == 0)
         yield pair, f"{group.where[hi]} over {group.where[lo]}", group.rows[hi]
+
+
+def check_kind(kind: str, source: str, unit: str, pairs_from: str | None) -> None:
+    """What a training file holds must fit what the loss trains on (`unit`: pairs, lists or points) and
+    `data.pairs_from`: refused clearly, never guessed."""
+    if unit == "pairs" and kind != "pairs" and pairs_from != kind:
+        raise DataError(
+            f"{source} holds {kind}, and this loss trains on pairs: set data.pairs_from={kind} to make pairs "
+            "of them (data.pairs, data.min_gap), or train on them as they are with loss=plackett_luce "
+            "or loss=regression"
+        )
+    if pairs_from is not None and (unit != "pairs" or kind != pairs_from):
+        why = f"{source} holds {kind}" if kind != pairs_from else "this loss trains on groups, not pairs"
+        raise DataError(f"data.pairs_from={pairs_from}: {why}; unset it (data.pairs_from=null)")
+    if unit == "points" and kind != "ratings":
+        raise DataError(f"loss=regression fits ratings, but {source} holds {kind}: give a file of ratings rows")

@@ -72,7 +72,8 @@ def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, 
                     if s.on_bad_row == "error":
                         raise DataError(f"{item.message()} (data.on_bad_row=skip skips such rows)")
                     counts[f"skipped:{item.code}"] += 1
-                    bad_rows.append({"split": split, "kind": "skipped", "where": item.where, "reason": item.reason})
+                    bad_rows.append({"split": split, "kind": "skipped", "where": item.where, "field": item.field,
+                                     "code": item.code, "reason": item.reason, "row": item.row})  # fmt: skip
                     continue
                 encoded = formatter.encode_items([(item.prompt, r) for r in item.responses])
                 kept = 0
@@ -83,8 +84,10 @@ def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, 
                     if problem is not None:
                         if s.on_bad_row == "error" and isinstance(enc, str):
                             raise DataError(f"{item.where[k]}: {problem} (data.on_bad_row=skip skips such rows)")
-                        counts["dropped:response"] += 1
-                        bad_rows.append({"split": split, "kind": "dropped", "where": item.where[k], "reason": problem})
+                        code = "special_token" if isinstance(enc, str) else "too_long"
+                        counts[f"dropped:{code}"] += 1
+                        bad_rows.append({"split": split, "kind": "dropped", "where": item.where[k], "field": None,
+                                         "code": code, "reason": problem, "row": item.responses[k]})  # fmt: skip
                         continue
                     ids, _, cut, n_prompt = truncate(
                         enc.ids, enc.ids, enc.n_prompt, formatter.n_protected, s.max_length
@@ -109,7 +112,9 @@ def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, 
         ):
             np.save(tmp / f"{name}.npy", np.frombuffer(values, dtype=dtype))
         np.save(tmp / "targets.npy", np.frombuffer(targets, dtype=np.float32).reshape(len(lengths), n_attributes))
-        (tmp / "bad_rows.jsonl").write_text("".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad_rows))
+        (tmp / "bad_rows.jsonl").write_text(
+            "".join(json.dumps(b, ensure_ascii=False, default=str) + "\n" for b in bad_rows), encoding="utf-8"
+        )
         meta = {"source": spec, "split": split, "kind": kind, "format": formatter.style, "counts": dict(counts),
                 "attributes": list(s.attributes) if n_attributes else []}  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -122,11 +127,18 @@ def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, 
 
 
 def list_summary(meta: dict[str, Any], groups: int) -> str:
+    """One line for a split read as groups: rows read, prompts and responses used, truncated, dropped, skipped."""
     c = meta["counts"]
+
+    def total(prefix: str) -> str:
+        found = {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith(prefix + ":")}
+        return f"{sum(found.values())} ({', '.join(f'{v} {k}' for k, v in sorted(found.items())) or 'none'})"
+
     return (
         f"data {meta['split']} (as lists): {c.get('read', 0)} {meta['kind']} rows read from {meta['source']}, "
-        f"{groups} prompts with {c.get('used', 0)} responses used; {c.get('dropped:response', 0)} responses dropped, "
-        f"{sum(v for k, v in c.items() if k.startswith('skipped:'))} bad rows skipped [format {meta['format']}]"
+        f"{groups} prompts with {c.get('used', 0)} responses used; {total('truncated')} truncated, "
+        f"{total('dropped')} dropped, "
+        f"{total('skipped')} bad rows skipped [format {meta['format']}]"
     )
 
 

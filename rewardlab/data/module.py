@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from rewardlab.data.batching import LengthGroupedBatchSampler, ListCollator, PairCollator
 from rewardlab.data.cache import CACHE_VERSION, PairDataset, Settings, build_cache, summary_line, tokenizer_fingerprint
 from rewardlab.data.formatting import FORMATS, SPECIAL_TOKENS_IN_TEXT, ensure_pad_token
-from rewardlab.data.groups import PAIRINGS
+from rewardlab.data.groups import PAIRINGS, check_kind
 from rewardlab.data.lists import ListDataset, build_list_cache, list_summary
 from rewardlab.data.rows import SCHEMAS, DataError
 from rewardlab.data.sources import fingerprint_source
@@ -256,27 +256,10 @@ class PreferenceDataModule(L.LightningDataModule):
                 raise DataError(f"data {split}: no groups left to train on ({list_summary(groups.meta, 0)})")
 
     def check_kinds(self) -> None:
-        """What the training file holds must fit the loss and `data.pairs_from`: refused clearly, not guessed."""
-        meta = (
-            self.datasets.get("train")
-            or self.lists.get("train")
-            or self.datasets.get("test")
-            or self.datasets.get("val")
-        )
-        if meta is None or not self.files["train"]:
-            return
-        kind, source = meta.meta.get("kind", "pairs"), self.files["train"]
-        if self.train_unit == "pairs" and kind != "pairs" and self.pairs_from != kind:
-            raise DataError(
-                f"{source} holds {kind}, and this loss trains on pairs: set data.pairs_from={kind} to make pairs "
-                "of them (data.pairs, data.min_gap), or train on them as they are with loss=plackett_luce "
-                "or loss=regression"
-            )
-        if self.pairs_from is not None and (self.train_unit != "pairs" or kind != self.pairs_from):
-            why = f"{source} holds {kind}" if kind != self.pairs_from else "this loss trains on groups, not pairs"
-            raise DataError(f"data.pairs_from={self.pairs_from}: {why}; unset it (data.pairs_from=null)")
-        if self.train_unit == "points" and kind != "ratings":
-            raise DataError(f"loss=regression fits ratings, but {source} holds {kind}: give a file of ratings rows")
+        """What the training file holds must fit the loss and `data.pairs_from` (`groups.check_kind`)."""
+        found = self.datasets["train"] if "train" in self.datasets else self.lists.get("train")
+        if found is not None:
+            check_kind(found.meta.get("kind", "pairs"), self.files["train"], self.train_unit, self.pairs_from)
 
     def warn_shared_pairs(self) -> None:
         """A validation or test pair that is also a training pair inflates held-out accuracy: say how many."""
