@@ -202,7 +202,7 @@ def evaluate(cfg: DictConfig, data_overrides: list[str]) -> dict[str, Any]:
     }
     if tie.any():  # tie pairs apart: how many, and how close the model scores their two responses
         margin = every["chosen"][tie] - every["rejected"][tie]
-        result |= {"ties": int(tie.sum()), "tie_abs_margin": float(np.abs(margin).mean())}
+        result |= {"tie_pairs": int(tie.sum()), "tie_abs_margin": float(np.abs(margin).mean())}
     if cfg.length_calibration is not None:
         result["length_calibrated"] = calibrate(cfg, data, tokenizer, model, scores, dataset)
     out = Path(cfg.paths.output_dir)

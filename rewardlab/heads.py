@@ -199,7 +199,8 @@ class AttributesHead(Head):
         names, weights = list(names), [float(w) for w in weights]
         if not names or len(names) != len(weights) or len(set(names)) != len(names):
             raise ConfigError(
-                f"head.names {names} and head.weights {weights}: expected as many distinct names as weights"
+                f"head.names {names} and head.weights {weights} (from data.attributes and data.attribute_weights): "
+                "expected as many distinct names as weights"
             )
         super().__init__(hidden, len(names), init_std)
         self.names, self.normalize = names, normalize

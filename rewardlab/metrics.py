@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-STATES = ("pairs", "seen", "loss", "correct", "margin", "chosen", "rejected", "square", "ties", "tie_margin")
+STATES = ("pairs", "seen", "loss", "correct", "margin", "chosen", "rejected", "square", "tie_pairs", "tie_margin")
 LENGTH_STATES = ("longer", "correct_longer", "shorter", "correct_shorter", "n", "x", "y", "xx", "yy", "xy")
 
 
@@ -36,13 +36,13 @@ class PairMetrics(Metric):
         tie: Tensor | None = None,
     ) -> None:
         """Rewards `(B,)`; `response_tokens` `(2B,)`: chosen's then rejected's; `uncertainty` `(B,)` per pair;
-        `tie` `(B,)`: tie pairs count in the loss and apart (`ties`, their mean |margin|), not in the rest."""
+        `tie` `(B,)`: tie pairs count in the loss and apart (`tie_pairs`, their mean |margin|), not in the rest."""
         chosen, rejected = chosen.double(), rejected.double()
         self.seen += chosen.numel()
         self.loss += loss.double() * chosen.numel()
         if tie is not None:
             tie = tie.to(chosen.device)
-            self.ties += tie.sum()
+            self.tie_pairs += tie.sum()
             self.tie_margin += (chosen - rejected)[tie].abs().sum()
             chosen, rejected = chosen[~tie], rejected[~tie]
             if response_tokens is not None:
@@ -94,9 +94,9 @@ class PairMetrics(Metric):
             var = (self.xx / self.n - (self.x / self.n) ** 2) * (self.yy / self.n - (self.y / self.n) ** 2)
             if var > 0:
                 out["length_reward_corr"] = cov / var.sqrt()
-        if self.ties > 0:
-            out["ties"] = self.ties
-            out["tie_abs_margin"] = self.tie_margin / self.ties
+        if self.tie_pairs > 0:
+            out["tie_pairs"] = self.tie_pairs
+            out["tie_abs_margin"] = self.tie_margin / self.tie_pairs
         if self.uncertain > 0:
             out["uncertainty"] = self.uncertainty / self.uncertain
         return out

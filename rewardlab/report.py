@@ -56,13 +56,13 @@ class Job:
     overrides: dict[str, str]
     results: dict[str, Any] = field(default_factory=dict)
     error: str = ""
-    read_pairs: dict[int, int] | None = field(default=None, repr=False)  # test_pairs.csv, once read
+    read_pairs: dict[str, int] | None = field(default=None, repr=False)  # test_pairs.csv, once read
 
     @property
     def ok(self) -> bool:
         return bool(self.results)
 
-    def test_pairs(self) -> dict[int, int]:
+    def test_pairs(self) -> dict[str, int]:
         """`read_test_pairs`, read once: the best group's files serve every comparison."""
         if self.read_pairs is None:
             self.read_pairs = read_test_pairs(self)
@@ -142,26 +142,35 @@ def varied(jobs: list[Job]) -> list[str]:
     return [k for k in keys if len({job.overrides.get(k) for job in jobs}) > 1]
 
 
-def read_test_pairs(job: Job) -> dict[int, int]:
-    """A job's `test_pairs.csv` (written by training): test row → 1 if the chosen response won. Checked:
+ROW = re.compile(r"[0-9]{1,18}")  # a pair row's number
+PAIR = re.compile(
+    r"[0-9]{1,18}(?::[0-9]{1,9}>[0-9]{1,9}|>[0-9]{1,18})"
+)  # a ranking's `row:i>j`, two ratings' `row>row`
+
+
+def read_test_pairs(job: Job) -> dict[str, int]:
+    """A job's `test_pairs.csv` (written by training): test pair (its row, or for pairs made of rankings or
+    ratings its responses) → 1 if the chosen response won. Checked:
     inside the job folder, no row twice, and its accuracy is the job's `test/acc`."""
     name = job.results.get("test/pairs_file", "test_pairs.csv")
     path = job.folder / str(name)
     if path.parent != job.folder or path.is_symlink() or not path.is_file():
         return {}
-    outcomes: dict[int, int] = {}
+    outcomes: dict[str, int] = {}
     with open(path, newline="", encoding="utf-8", errors="strict") as f:
         try:
             reader = csv.reader(f)
-            if next(reader, None) != ["row", "correct", "margin"]:
-                raise ReportError(f"{path}:1: expected the header row,correct,margin")
+            header = next(reader, None)
+            if header not in (["row", "correct", "margin"], ["pair", "correct", "margin"]):
+                raise ReportError(f"{path}:1: expected the header row,correct,margin (or pair,correct,margin)")
+            key, what = (ROW, "a row number") if header[0] == "row" else (PAIR, "a pair (row:i>j or row>row)")
             for line, fields in enumerate(reader, start=2):
-                if (len(fields) != 3 or not (fields[0].isascii() and fields[0].isdigit()) or len(fields[0]) > 18
+                if (len(fields) != 3 or not key.fullmatch(fields[0])
                         or fields[1] not in ("0", "1") or not _is_number(fields[2])):  # fmt: skip
-                    raise ReportError(f"{path}:{line}: expected a row number, 0 or 1, and a margin; got {fields[:3]}")
-                if int(fields[0]) in outcomes:
-                    raise ReportError(f"{path}:{line}: row {fields[0]} again (each test pair is listed once)")
-                outcomes[int(fields[0])] = int(fields[1])
+                    raise ReportError(f"{path}:{line}: expected {what}, 0 or 1, and a margin; got {fields[:3]}")
+                if fields[0] in outcomes:
+                    raise ReportError(f"{path}:{line}: {header[0]} {fields[0]} again (each test pair is listed once)")
+                outcomes[fields[0]] = int(fields[1])
         except (UnicodeDecodeError, csv.Error) as e:
             raise ReportError(f"{path}: not a UTF-8 CSV file ({type(e).__name__})") from None
     acc = job.value("test/acc")

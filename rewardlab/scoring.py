@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import math
+import reprlib
 import sys
 import tempfile
 import types
@@ -233,10 +234,10 @@ def open_heads(folder: Path, info: dict[str, Any], model: PreTrainedModel) -> tu
         module = None
     if not isinstance(module, nn.Linear) or module.out_features != 1:
         raise UntrustedExport(f"{folder}: rewardlab.head.module {head['module']!r} is not the model's reward head")
-    outputs = head.get("outputs")
-    if not isinstance(outputs, int) or isinstance(outputs, bool) or outputs < 2:
+    outputs, least = head.get("outputs"), 2 if head["kind"] == "ensemble" else 1
+    if not isinstance(outputs, int) or isinstance(outputs, bool) or outputs < least:
         raise UntrustedExport(
-            f"{folder}: config.json's rewardlab.head.outputs is {outputs!r}, expected an integer >= 2"
+            f"{folder}: config.json's rewardlab.head.outputs is {outputs!r}, expected an integer >= {least}"
         )
     if weight.shape != (outputs, module.in_features):
         raise UntrustedExport(
@@ -268,10 +269,12 @@ def attributes_head(folder: Path, head: dict[str, Any], hidden: int, outputs: in
     for key in ("combination", "mean", "std"):
         value = head.get(key)
         numbers = isinstance(value, list) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+            isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e30 for v in value
         )
         if not numbers or len(value) != outputs:
-            raise UntrustedExport(f"{folder}: rewardlab.head.{key} is {value!r}, expected {outputs} finite numbers")
+            raise UntrustedExport(
+                f"{folder}: rewardlab.head.{key} is {reprlib.repr(value)}, expected {outputs} numbers within ±1e30"
+            )
         values[key] = torch.tensor(value, dtype=torch.float32)
     if not bool((values["std"] > 0).all()):
         raise UntrustedExport(f"{folder}: rewardlab.head.std is {head['std']!r}, expected numbers > 0")

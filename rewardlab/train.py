@@ -173,7 +173,8 @@ def fit_and_test(
         if trainer.is_global_zero:
             results |= write_test_pairs(Path(cfg.paths.output_dir), datamodule, outcomes["index"], outcomes["margin"])
             results |= test_analysis(outcomes, cfg.uncertainty_quantiles)
-        if "test" in datamodule.lists and trainer.is_global_zero:  # regression: each attribute's errors
+        ratings = datamodule.lists.get("test")
+        if ratings is not None and ratings.targets.shape[1] and trainer.is_global_zero:  # each attribute's errors
             model.eval()
             predicted, targets = predict_ratings(model, datamodule.lists["test"], datamodule.list_collator)
             errors = attribute_errors(predicted, targets, model.head.names)
@@ -216,14 +217,16 @@ def test_analysis(outcomes: dict[str, np.ndarray], quantiles: int) -> dict[str, 
 
 
 def write_test_pairs(folder: Path, datamodule: PreferenceDataModule, index: np.ndarray, margin: np.ndarray) -> dict:
-    """`test_pairs.csv`: each test pair's row (1-based, in reading order), whether the chosen response
-    scored strictly higher, and the margin; with the test data's content hash, so `rewardlab.report`
-    compares runs pair by pair only when they were scored on the same pairs."""
-    rows = datamodule.datasets["test"].row[index] + 1
+    """`test_pairs.csv`: each test pair's row (1-based, in reading order; for pairs made of rankings or
+    ratings, `pair`: which responses, `row:i>j` or `row>row`), whether the chosen response scored strictly
+    higher, and the margin; with the test data's content hash, so `rewardlab.report` compares runs pair by
+    pair only when they were scored on the same pairs."""
+    dataset = datamodule.datasets["test"]
+    keys = dataset.pair_keys(index.tolist())
     with open(folder / "test_pairs.csv", "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["row", "correct", "margin"])
-        out.writerows(zip(rows.tolist(), (margin > 0).astype(int).tolist(), margin.tolist()))
+        out.writerow(["row" if dataset.keys is None else "pair", "correct", "margin"])
+        out.writerows(zip(keys, (margin > 0).astype(int).tolist(), margin.tolist()))
     # Each pair once: on several devices the sampler repeats a pair to even out the last batch.
     return {
         "test/pairs_file": "test_pairs.csv",

@@ -24,6 +24,7 @@ from rewardlab.export import export
 from rewardlab.heads import AttributesHead, EnsembleHead, OdinHead
 from rewardlab.losses import BradleyTerry, PlackettLuce, Regression
 from rewardlab.metrics import PairMetrics
+from rewardlab.report import report
 from rewardlab.run import load_run
 from rewardlab.score import score_file
 from rewardlab.scoring import HEADS_FILE, Scorer, UntrustedExport
@@ -46,6 +47,7 @@ TIES = [f"data.{s}_file={FIXTURES}/ties.jsonl" for s in ("train", "val", "test")
         ["method=bt_pairs", *RATINGS, *ATTRIBUTES],
         ["method=plackett_luce", *RATINGS, *ATTRIBUTES],
         ["method=regression", *RATINGS, *ATTRIBUTES, "loss.kind=gaussian_nll"],
+        ["method=regression", *RATINGS[:2], f"data.test_file={FIXTURES}/ties.jsonl", *ATTRIBUTES],  # any pairs
         ["loss=plackett_luce", *RANKINGS],
         ["loss=plackett_luce", "head=linear"],  # the quiz's pairs as rankings of two
         ["loss=bt_ties", "data.ties=keep", *TIES],
@@ -56,6 +58,7 @@ TIES = [f"data.{s}_file={FIXTURES}/ties.jsonl" for s in ("train", "val", "test")
         "bt_pairs",
         "plackett_luce",
         "regression_nll",
+        "regression_pair_test",
         "rankings",
         "quiz_as_lists",
         "ties",
@@ -67,8 +70,8 @@ def test_every_new_loss_head_and_method_trains_and_tests_on_pairs(overrides, mak
     results = train(make_cfg(*overrides, "trainer.limit_train_batches=3"))
     assert results["global_step"] >= 1 and math.isfinite(results["val/loss"]) and 0 <= results["test/acc"] <= 1
     if "data.ties=keep" in overrides:
-        assert results["test/ties"] == 2 and results["data/train/ties"] == 2
-    if "method=regression" in overrides:  # each attribute's error on the test responses, in the ratings' units
+        assert results["test/tie_pairs"] == 2 and results["data/train/ties"] == 2
+    if "method=regression" in overrides and RATINGS[2] in overrides:  # each attribute's error, in ratings' units
         assert {"test/rmse_helpful", "test/spearman_concise"} <= set(results) and results["test/rmse_helpful"] > 0
 
 
@@ -96,6 +99,7 @@ def test_the_ratings_experiment_composes_each_method(tmp_path, cache_dir):
         (["method=regression", *RANKINGS], DataError, "loss=regression fits ratings, but .* holds rankings"),
         (["method=plackett_luce", "data.pairs_from=ratings", *RATINGS, *ATTRIBUTES], DataError, "unset it"),
         (["data.pairs_from=ratings"], DataError, "data.pairs_from=ratings: .* holds pairs; unset it"),
+        (["loss=bt_ties", "loss.log_tie_init=1e30"], ConfigError, "loss.log_tie_init: expected a number in"),
         (["loss=regression", "head=attributes", "loss.kind=mae", *RATINGS, *ATTRIBUTES], ConfigError, "loss.kind"),
     ],
 )
@@ -127,7 +131,7 @@ def test_pair_metrics_leave_ties_out_of_accuracy_and_report_them_apart():
     tie = torch.tensor([False, False, True, True])
     metrics.update(chosen, rejected, torch.tensor(0.8), torch.tensor([5, 5, 5, 5, 1, 1, 1, 1]), None, tie)
     out = metrics.compute()
-    assert out["acc"] == 0.5 and out["ties"] == 2 and math.isclose(out["tie_abs_margin"].item(), (0.5 + 0.5) / 2)
+    assert out["acc"] == 0.5 and out["tie_pairs"] == 2 and math.isclose(out["tie_abs_margin"].item(), (0.5 + 0.5) / 2)
     assert math.isclose(out["loss"].item(), 0.8, rel_tol=1e-6) and math.isclose(out["margin"].item(), 0.0)
 
 
@@ -203,6 +207,7 @@ def test_an_attributes_export_is_one_logit_and_scoring_gives_the_models_ratings(
         ({"std": [1.0, 0.0]}, "rewardlab.head.std .* numbers > 0"),
         ({"mean": [1.0, float("nan")]}, "rewardlab.head.mean"),
         ({"combination": [1.0, "0.5"]}, "rewardlab.head.combination"),
+        ({"mean": [10**400, 0.0]}, "rewardlab.head.mean .* within ±1e30"),
         ({"combination": [1.0, 0.6]}, "the combination of its attributes is not the model's reward head"),
         ({"mean": [0.0, 0.0], "std": [2.0, 1.0]}, "the combination of its attributes is not the model's reward head"),
     ],
@@ -256,6 +261,27 @@ def test_eval_leaves_ties_out_of_accuracy_and_reports_them_apart(make_cfg, tmp_p
     train(cfg)
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     result = evaluate(compose_config("eval", [f"ckpt_path={ckpt}", "logger=none"], tmp_path / "e", cache_dir), [])
-    assert result["pairs"] == 2 and result["ties"] == 2 and result["tie_abs_margin"] >= 0
+    assert result["pairs"] == 2 and result["tie_pairs"] == 2 and result["tie_abs_margin"] >= 0
     rows = [json.loads(line) for line in (tmp_path / "e" / "rewards.jsonl").read_text().splitlines()]
     assert [r["tie"] for r in sorted(rows, key=lambda r: r["row"])] == [False, True, False, True]
+
+
+def test_the_report_pairs_runs_on_the_pairs_made_of_ratings_whatever_each_trained_on(make_cfg, tmp_path):
+    sweep = tmp_path / "sweep"
+    for i, (method, seed) in enumerate([(m, s) for m in ("bt_pairs", "plackett_luce") for s in (1, 2)]):
+        overrides = [f"method={method}", f"seed={seed}"]
+        cfg = make_cfg(*overrides, *RATINGS, *ATTRIBUTES, "trainer.max_steps=3", folder=f"sweep/{i}")
+        train(cfg)
+        (sweep / str(i) / ".hydra").mkdir(exist_ok=True)
+        (sweep / str(i) / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    pairs = (sweep / "0" / "test_pairs.csv").read_text().splitlines()
+    assert pairs[0] == "pair,correct,margin" and {p.split(",")[0] for p in pairs[1:]} == {"1>3", "1>4", "4>3", "2>5"}
+    text = report(sweep)
+    row = next(line for line in text.splitlines() if line.startswith("| plackett_luce |"))
+    assert row.split(" | ")[6] == "4" and "no paired test" not in text  # paired over the 4 test pairs
+
+
+def test_held_out_pairs_whose_responses_are_training_responses_are_counted_for_group_training(make_cfg, caplog):
+    caplog.set_level("WARNING")
+    train(make_cfg("method=plackett_luce", *RATINGS, *ATTRIBUTES, "trainer.max_steps=1"))
+    assert "data val: 4 of its 4 pairs are also in the training data" in caplog.text

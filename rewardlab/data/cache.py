@@ -108,17 +108,10 @@ def split_kind(parts: list[Part], s: Settings) -> str:
 
 
 def read_split_groups(parts: list[Part], kind: str, s: Settings, counts: Counter) -> list[tuple[int, Group | BadRow]]:
-    """Every group (or bad row) of a rankings or ratings split, with its row index in reading order."""
-    items, offset = [], 0
-    for part in parts:
-        before = counts["read"]
-        found = list(read_groups(_counted(part, counts), kind, s.columns, s.attributes))
-        items += [(offset + index, item) for index, item in found]
-        for _, item in found:
-            if isinstance(item, Group):
-                item.rows = [offset + r for r in item.rows]
-        offset += counts["read"] - before
-    return items
+    """Every group (or bad row) of a rankings or ratings split, with its row index in reading order: the
+    files of a folder read as one (a prompt's ratings may be in several of them)."""
+    rows = (row for part in parts for row in _counted(part, counts))
+    return list(read_groups(rows, kind, s.columns, s.attributes))
 
 
 def checked_rows(parts: list[Part], s: Settings, counts: Counter) -> tuple[str, bool, str, Iterator[Checked]]:
@@ -163,6 +156,7 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
     lengths, prompt_lengths, rows_used, subsets = array("i"), array("i"), array("q"), array("i")
     margins, pair_hashes, ties = array("f"), array("q"), array("b")
     subset_codes: dict[str, int] = {}
+    keys: list[str] = []
     schema = formatter = kind = None
     try:
         with open(tmp / "ids.bin", "wb") as ids_file, open(tmp / "bad_rows.jsonl", "w", encoding="utf-8") as bad:
@@ -258,6 +252,7 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
                     margins.append(p.margin)
                     ties.append(p.tie)
                     rows_used.append(index)
+                    keys.append(p.key)
                     subsets.append(subset_codes.setdefault(p.subset, len(subset_codes)))
         np.save(tmp / "lengths.npy", np.frombuffer(lengths, dtype=np.int32))
         np.save(tmp / "prompt_lengths.npy", np.frombuffer(prompt_lengths, dtype=np.int32))
@@ -266,6 +261,8 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
         np.save(tmp / "subset.npy", np.frombuffer(subsets, dtype=np.int32))
         np.save(tmp / "pair_hash.npy", np.frombuffer(pair_hashes, dtype=np.int64))
         np.save(tmp / "tie.npy", np.frombuffer(ties, dtype=np.int8).astype(bool))
+        if kind != "pairs":  # pairs made of groups: several share a row, so each is named by its responses
+            (tmp / "keys.json").write_text(json.dumps(keys))
         meta = {
             "source": spec,
             "split": split,
@@ -332,11 +329,19 @@ class PairDataset(Dataset):
         self.subset = np.load(folder / "subset.npy")
         self.pair_hash = np.load(folder / "pair_hash.npy")
         self.tie = np.load(folder / "tie.npy")
+        self.keys = json.loads((folder / "keys.json").read_text()) if (folder / "keys.json").exists() else None
         self.index = np.arange(len(self.margin)) if index is None else index
         self.lengths = self.seq_lengths.max(axis=1)[self.index]
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def pair_keys(self, pairs: Iterable[int]) -> list[str]:
+        """What names each pair across runs on the same data: its row (1-based), or for a pair made of a
+        group, its responses (`row:i>j` in a ranking, `row>row` for two ratings)."""
+        if self.keys is None:
+            return [str(int(self.row[j]) + 1) for j in pairs]
+        return [self.keys[j] for j in pairs]
 
     def rows_of(self, pairs: Iterable[int]) -> str:
         """Where pairs (cache indices, as in a batch's `index`) came from, for error messages."""

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("pairs", "rankings", "ratings")
 PAIRINGS = ("all", "adjacent")
+MAX_SCORE = 1e30  # far beyond any rating scale; keeps every gap finite in float32
 
 
 @dataclass
@@ -50,14 +51,14 @@ class Group:
 
 
 def row_kind(row: Any, c: dict[str, str]) -> str | None:
-    """What one row is evidence of: a ranking (a responses list), a rating (one response) or a pair."""
+    """What one row is evidence of: a pair (chosen or rejected), a ranking (responses) or a rating (response)."""
     if not isinstance(row, dict):
         return None
+    if c["chosen"] in row or c["rejected"] in row:  # a pair, whatever other columns it carries
+        return "pairs"
     if c["responses"] in row:
         return "rankings"
-    if c["response"] in row:
-        return "ratings"
-    return "pairs" if c["chosen"] in row or c["rejected"] in row else None
+    return "ratings" if c["response"] in row else None
 
 
 def decide_kind(rows: Iterable[Any], c: dict[str, str], name: str) -> str:
@@ -98,6 +99,8 @@ def _number(value: Any, where: str, field: str, row: Any) -> float | BadRow:
     number = "expected a number, got null" if value is None else parse_number(value, row)
     if isinstance(number, float) and number != number:  # an empty CSV cell
         number = "expected a number, got an empty cell"
+    elif isinstance(number, float) and abs(number) > MAX_SCORE:  # gaps and float32 tensors must stay finite
+        number = f"expected a number within ±{MAX_SCORE:g}, got {number:g}"
     return BadRow(where, field, "bad_score", number, row) if isinstance(number, str) else number
 
 
@@ -166,7 +169,10 @@ def check_rating(row: Any, where: str, c: dict[str, str], attributes: dict[str, 
     if (bad := check_response(response, where, c["response"], row)) is not None:
         return bad
     names = list(attributes)
-    if c["score"] in row and c["scores"] not in row:
+    if c["score"] in row and c["scores"] in row:
+        reason = f"both {c['score']!r} and {c['scores']!r}; expected one (a rating has one set of scores)"
+        return BadRow(where, c["score"], "two_scores", reason, row)
+    if c["score"] in row:
         if len(names) != 1:
             reason = f"one score, but data.attributes names {len(names)} ({', '.join(names)}): give {c['scores']!r}"
             return BadRow(where, c["score"], "one_score", reason + " as {attribute: value}", row)
@@ -258,7 +264,10 @@ def group_pairs(
     """The preference pairs of a group, each with where it came from and the chosen response's row index:
     every two responses (`all`) or neighbours in score order (`adjacent`); the higher scored is chosen and
     the score gap is the margin. Equal scores make a tie pair with `ties=keep`; gaps under `min_gap` make
-    none. What is not made is counted in `counts` (`not_paired:<why>`)."""
+    none. What is not made is counted in `counts` (`not_paired:<why>`). Each pair's `key` names its responses:
+    `row:i>j` (a ranking's row, the positions of chosen and rejected) or `row>row` (two ratings' rows)."""
+    if len(group.responses) == 1:
+        counts["not_paired:single_response"] += 1  # a prompt rated once: nothing to compare it with
     order = sorted(range(len(group.scores)), key=lambda k: -group.scores[k])
     candidates = combinations(range(len(order)), 2) if pairing == "all" else zip(order, order[1:])
     for a, b in candidates:
@@ -270,7 +279,9 @@ def group_pairs(
         if 0 < gap < min_gap:
             counts["not_paired:under_min_gap"] += 1
             continue
-        pair = Pair(group.prompt, group.responses[hi], group.responses[lo], gap, group.subset, tie=gap == 0)
+        first, second = group.rows[hi] + 1, group.rows[lo] + 1  # 1-based, as files are read
+        key = f"{first}:{hi}>{lo}" if first == second else f"{first}>{second}"  # a ranking's positions, or two rows
+        pair = Pair(group.prompt, group.responses[hi], group.responses[lo], gap, group.subset, gap == 0, key)
         yield pair, f"{group.where[hi]} over {group.where[lo]}", group.rows[hi]
 
 

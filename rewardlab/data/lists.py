@@ -6,6 +6,7 @@ listwise losses train on pairs too. Validation and test stay pairs: every loss i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import numpy as np
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from rewardlab.data.cache import Settings, checked_rows, make_formatter, read_split_groups, split_kind
+from rewardlab.data.cache import PairDataset, Settings, checked_rows, make_formatter, read_split_groups, split_kind
 from rewardlab.data.formatting import truncate
 from rewardlab.data.groups import Group
 from rewardlab.data.rows import BadRow, DataError
@@ -126,8 +127,9 @@ def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def list_summary(meta: dict[str, Any], groups: int) -> str:
-    """One line for a split read as groups: rows read, prompts and responses used, truncated, dropped, skipped."""
+def list_summary(meta: dict[str, Any], groups: int, responses: int) -> str:
+    """One line for a split read as groups: rows read, the prompts and responses used (those of groups large
+    enough for the loss), truncated, dropped, skipped."""
     c = meta["counts"]
 
     def total(prefix: str) -> str:
@@ -136,7 +138,7 @@ def list_summary(meta: dict[str, Any], groups: int) -> str:
 
     return (
         f"data {meta['split']} (as lists): {c.get('read', 0)} {meta['kind']} rows read from {meta['source']}, "
-        f"{groups} prompts with {c.get('used', 0)} responses used; {total('truncated')} truncated, "
+        f"{groups} prompts with {responses} responses used; {total('truncated')} truncated, "
         f"{total('dropped')} dropped, "
         f"{total('skipped')} bad rows skipped [format {meta['format']}]"
     )
@@ -179,3 +181,23 @@ class ListDataset(Dataset):
             "targets": self.targets[first:last],
             "index": g,
         }
+
+
+def _digest(ids: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(ids).tobytes(), digest_size=8).digest()
+
+
+def shared_pairs(held_out: PairDataset, train: PairDataset | ListDataset) -> int:
+    """How many held-out pairs are also training pairs: the same tokens; for training groups, pairs both of
+    whose sequences are training sequences."""
+    if isinstance(train, PairDataset):
+        seen = set(train.pair_hash[train.index].tolist())
+        return sum(h in seen for h in held_out.pair_hash[held_out.index].tolist())
+    o = train.seq_offsets
+    seen = {_digest(train.ids[o[n] : o[n + 1]]) for n in range(len(train.seq_lengths))}
+    h = held_out.offsets
+    return sum(
+        _digest(held_out.ids[h[2 * j] : h[2 * j + 1]]) in seen
+        and _digest(held_out.ids[h[2 * j + 1] : h[2 * j + 2]]) in seen
+        for j in held_out.index
+    )

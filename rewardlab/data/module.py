@@ -20,7 +20,7 @@ from rewardlab.data.batching import LengthGroupedBatchSampler, ListCollator, Pai
 from rewardlab.data.cache import CACHE_VERSION, PairDataset, Settings, build_cache, summary_line, tokenizer_fingerprint
 from rewardlab.data.formatting import FORMATS, SPECIAL_TOKENS_IN_TEXT, ensure_pad_token
 from rewardlab.data.groups import PAIRINGS, check_kind
-from rewardlab.data.lists import ListDataset, build_list_cache, list_summary
+from rewardlab.data.lists import ListDataset, build_list_cache, list_summary, shared_pairs
 from rewardlab.data.rows import SCHEMAS, DataError
 from rewardlab.data.sources import fingerprint_source
 
@@ -232,10 +232,10 @@ class PreferenceDataModule(L.LightningDataModule):
                 self.lists[split] = ListDataset(self.list_cache_path(split), 2 if self.train_unit == "lists" else 1)
         self.check_kinds()
         if self.val_fraction and not self.files["val"]:
-            if self.train_unit != "pairs":
+            if self.train_unit != "pairs" or self.pairs_from is not None:
                 raise DataError(
-                    "data.val_fraction holds out pairs of the training data, but this loss trains on groups: "
-                    "give data.val_file (validation is on pairs, made of its rankings or ratings)"
+                    "data.val_fraction holds out pairs, but this training data is made of rankings or ratings: pairs "
+                    "of one prompt would be on both sides; give data.val_file (prompts of their own)"
                 )
             train = self.datasets["train"]
             order = np.random.default_rng(self.seed).permutation(len(train))
@@ -253,7 +253,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 )
         for split, groups in self.lists.items():
             if len(groups) == 0:
-                raise DataError(f"data {split}: no groups left to train on ({list_summary(groups.meta, 0)})")
+                raise DataError(f"data {split}: no groups left to train on ({list_summary(groups.meta, 0, 0)})")
 
     def check_kinds(self) -> None:
         """What the training file holds must fit the loss and `data.pairs_from` (`groups.check_kind`)."""
@@ -263,22 +263,16 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def warn_shared_pairs(self) -> None:
         """A validation or test pair that is also a training pair inflates held-out accuracy: say how many."""
-        if "train" not in self.datasets:
-            return
-        train = self.datasets["train"]
-        seen = set(train.pair_hash[train.index].tolist())
+        train = self.datasets["train"] if "train" in self.datasets else self.lists.get("train")
         for split in ("val", "test"):
-            if split in self.datasets:
-                held_out = self.datasets[split]
-                shared = int(np.isin(held_out.pair_hash[held_out.index], list(seen)).sum())
-                if shared:
-                    log.warning(
-                        "data %s: %d of its %d pairs are also in the training data (%s); held-out accuracy counts them",
-                        split,
-                        shared,
-                        len(held_out),
-                        self.files["train"],
-                    )
+            if train is not None and split in self.datasets and (n := shared_pairs(self.datasets[split], train)):
+                log.warning(
+                    "data %s: %d of its %d pairs are also in the training data (%s); held-out accuracy counts them",
+                    split,
+                    n,
+                    len(self.datasets[split]),
+                    self.files["train"],
+                )
 
     def report(self) -> None:
         """Log one summary line per split and copy skipped/dropped rows to the run folder."""
@@ -289,7 +283,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 text = (self.datasets[split].folder / "bad_rows.jsonl").read_text(encoding="utf-8")
                 lines += text.split("\n")[:-1]  # not splitlines(): rows may hold U+2028 or U+0085
         for groups in self.lists.values():
-            log.info(list_summary(groups.meta, len(groups)))
+            log.info(list_summary(groups.meta, len(groups), int(groups.sizes.sum())))
             if short := int((np.diff(groups.group_offsets) < (2 if self.train_unit == "lists" else 1)).sum()):
                 log.info("data %s: %d prompts with one response left out (a listwise loss compares responses)",
                          groups.meta["split"], short)  # fmt: skip

@@ -41,6 +41,7 @@ class Pair:
     margin: float
     subset: str
     tie: bool = False  # neither response is preferred (`data.columns.tie`); chosen/rejected is then only an order
+    key: str = ""  # a pair made of a group: which responses (`groups.group_pairs`); a pair row: its row number
 
 
 @dataclass

@@ -43,6 +43,8 @@ def test_a_ranking_becomes_a_group_whose_scores_order_its_responses():
         ({"ranks": [1, None, 3]}, "ranks[1]", "bad_score"),
         ({"ranks": [1, True, 3]}, "ranks[1]", "bad_score"),
         ({"ranks": [1, float("nan"), 3]}, "ranks[1]", "bad_score"),
+        ({"scores": [1e308, -1e308, 0], "ranks": None}, "ranks", "no_order"),
+        ({"ranks": [1, 1e31, 3]}, "ranks[1]", "bad_score"),
         ({"responses": ["only one"], "ranks": [1]}, "responses", "too_few_responses"),
         ({"responses": "a b c"}, "responses", "too_few_responses"),
         ({"responses": ["a", " ", "c"]}, "responses[1]", "empty_response"),
@@ -66,6 +68,7 @@ def test_a_bad_ranking_is_a_bad_row_naming_its_field(change, field, code):
         ({"scores": {"helpful": 3}}, "scores.concise", "missing_attribute"),
         ({"scores": {"helpful": "x", "concise": 2}}, "scores.helpful", "bad_score"),
         ({"score": 3}, "score", "one_score"),
+        ({"score": 3, "scores": {"helpful": 3, "concise": 2}}, "score", "two_scores"),
         ({"scores": [3, 2]}, "scores", "no_score"),
         ({}, "scores", "no_score"),
     ],
@@ -73,7 +76,7 @@ def test_a_bad_ranking_is_a_bad_row_naming_its_field(change, field, code):
 def test_a_bad_rating_is_a_bad_row_naming_its_field(row, field, code):
     bad = check_rating({"prompt": "p", "response": "r", **row}, "f:2", COLUMNS, ATTRIBUTES)
     assert isinstance(bad, BadRow) and (bad.field, bad.code) == (field, code)
-    assert "helpful" in bad.reason or code == "bad_score"
+    assert "helpful" in bad.reason or code in ("bad_score", "two_scores")
 
 
 def test_ratings_of_one_prompt_form_one_group_in_reading_order_and_a_second_rating_is_refused():
@@ -202,3 +205,26 @@ def test_groups_fill_a_batch_up_to_the_sequences_of_batch_size_pairs():
     sampler = LengthGroupedBatchSampler(lengths, 4, False, False, 1, 0, sizes=sizes)
     assert [b.tolist() for b in sampler.batches()] == [[0, 1], [2, 3]] and len(sampler) == 2
     assert torch.equal(torch.tensor([len(b) for b in sampler.batches()]), torch.tensor([2, 2]))
+
+
+def test_a_pair_row_with_extra_response_columns_stays_a_pair_and_ratings_group_across_a_folders_files(
+    tmp_path, tiny_tokenizer
+):
+    path = lines(tmp_path, "p.jsonl", [{"prompt": "Q", "chosen": "good", "rejected": "bad", "response": "x"}])
+    dm = ready(datamodule(tiny_tokenizer, tmp_path / "a", train_file=path))
+    assert dm.datasets["train"].meta["counts"] == {"read": 1, "used": 1}
+    folder = tmp_path / "ratings"
+    folder.mkdir()
+    lines(
+        folder, "1.jsonl", [{"prompt": "Q", "response": "a", "score": 1}, {"prompt": "R", "response": "r1", "score": 1}]
+    )
+    lines(
+        folder, "2.jsonl", [{"prompt": "Q", "response": "b", "score": 5}, {"prompt": "S", "response": "s", "score": 4}]
+    )
+    dm = ready(datamodule(tiny_tokenizer, tmp_path / "b", train_file=str(folder), pairs_from="ratings"))
+    train = dm.datasets["train"]
+    assert train.meta["counts"] == {"read": 4, "made": 1, "used": 1, "not_paired:single_response": 2}
+    assert (train.margin.tolist(), train.pair_keys([0])) == ([4.0], ["3>1"])  # rows across files, 1-based
+    with pytest.raises(DataError, match="val_fraction holds out pairs, but this training data is made of rankings"):
+        ready(datamodule(tiny_tokenizer, tmp_path / "c", train_file=str(folder), pairs_from="ratings", val_file=None,
+                         val_fraction=0.5))  # fmt: skip
