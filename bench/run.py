@@ -466,7 +466,7 @@ def ratings(args: argparse.Namespace) -> None:
         f"step. Sweep folder: {sweep.relative_to(ROOT)}\n\n" + report.split("\nwrote ", 1)[0]
     )
     longer = ratings_longer_baseline(folder / "test.jsonl")
-    body += f"\n\n\"Pick the longer conversation\" on these test pairs: {longer:.3f}."
+    body += f'\n\n"Pick the longer conversation" on these test pairs: {longer:.3f}.'
     command = "python bench/run.py ratings" + (f" --overrides {' '.join(args.overrides)}" if args.overrides else "")
     append("Learning from ratings: pairs + Bradley–Terry vs Plackett–Luce vs regression", command, body)
 
