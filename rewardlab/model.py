@@ -359,8 +359,8 @@ class RewardModel(L.LightningModule):
         c, r, _ = self._update_metrics("train", batch, chosen, rejected, loss)
         n = max(chosen.shape[0], 1)  # a batch of groups may hold no pair (ratings of one response)
         self.log("train/loss_step", loss, prog_bar=True, batch_size=n, sync_dist=True)  # mean over devices
-        acc = (c > r).float().mean() if len(c) else torch.tensor(0.5, device=c.device)
-        self.log("train/acc_step", acc, prog_bar=True, batch_size=n, sync_dist=True)
+        if len(c):  # (no accuracy for a batch without a pair)
+            self.log("train/acc_step", (c > r).float().mean(), prog_bar=True, batch_size=n, sync_dist=True)
         return objective
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
