@@ -13,6 +13,7 @@ import tempfile
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,22 @@ class Settings:
     pairs: str  # from rankings and ratings: all or adjacent
     min_gap: float  # and only where the scores differ by at least this much
     attributes: dict[str, float]  # ratings' attributes and their weights in the combined score
+
+
+@contextmanager
+def folder_aside(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out`, renamed to `out` when the block completes: concurrent jobs of a sweep
+    never see half a cache (one that loses the race to another finds `out` there and keeps it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        yield tmp
+        os.rename(tmp, out)
+    except OSError:
+        if not out.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; cleans up after an error
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -150,15 +167,13 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
     """Read, check, tokenize and truncate one split into `out`, streaming in chunks so memory does
     not grow with the dataset. Written to a temporary folder and renamed, so concurrent jobs of a
     sweep never see half a cache. The settings were checked by the datamodule."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     counts: Counter[str] = Counter()
     lengths, prompt_lengths, rows_used, subsets = array("i"), array("i"), array("q"), array("i")
     margins, pair_hashes, ties = array("f"), array("q"), array("b")
     subset_codes: dict[str, int] = {}
     keys: list[str] = []
     schema = formatter = kind = None
-    try:
+    with folder_aside(out) as tmp:
         with open(tmp / "ids.bin", "wb") as ids_file, open(tmp / "bad_rows.jsonl", "w", encoding="utf-8") as bad:
 
             def reject(b: BadRow, how: str) -> None:
@@ -273,12 +288,6 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
             "counts": dict(counts),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.rename(tmp, out)
-    except OSError:
-        if not out.exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; cleans up after an error
 
 
 def summary_line(meta: dict[str, Any]) -> str:

@@ -71,7 +71,13 @@ def decide_kind(rows: Iterable[Any], c: dict[str, str], name: str) -> str:
     return kind
 
 
-def _prompt(row: dict, where: str, c: dict[str, str]) -> str | list[dict] | BadRow:
+def _prompt(row: Any, where: str, c: dict[str, str]) -> str | list[dict] | BadRow:
+    """The prompt of a ranking or rating row (text or messages), or why the row cannot be one: values that
+    cannot be carried, not an object, no usable prompt."""
+    if (bad := check_values(row, where)) is not None:
+        return bad
+    if not isinstance(row, dict):
+        return BadRow(where, None, "not_an_object", f"expected an object, got {describe_value(row)}", row)
     prompt = row.get(c["prompt"])
     if isinstance(prompt, str) or check_messages(prompt) is None:
         return prompt
@@ -113,10 +119,6 @@ def _squeezed(value: str | list[dict]) -> str:
 def check_ranking(row: Any, where: str, index: int, c: dict[str, str]) -> Group | BadRow:
     """One ranking row as a group, or why it cannot be one: at least 2 distinct responses and exactly
     one of `ranks` (lower is better) or `scores` (higher is better), one number per response."""
-    if (bad := check_values(row, where)) is not None:
-        return bad
-    if not isinstance(row, dict):
-        return BadRow(where, None, "not_an_object", f"expected an object, got {describe_value(row)}", row)
     prompt = _prompt(row, where, c)
     if isinstance(prompt, BadRow):
         return prompt
@@ -158,10 +160,6 @@ def check_ranking(row: Any, where: str, index: int, c: dict[str, str]) -> Group 
 def check_rating(row: Any, where: str, c: dict[str, str], attributes: dict[str, float]) -> tuple | BadRow:
     """One rating row as (prompt, response, its value per attribute), or why not: a `score` where one
     attribute is configured, else `scores` naming exactly the configured attributes."""
-    if (bad := check_values(row, where)) is not None:
-        return bad
-    if not isinstance(row, dict):
-        return BadRow(where, None, "not_an_object", f"expected an object, got {describe_value(row)}", row)
     prompt = _prompt(row, where, c)
     if isinstance(prompt, BadRow):
         return prompt

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from array import array
 from collections import Counter
 from pathlib import Path
@@ -20,7 +17,15 @@ import numpy as np
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from rewardlab.data.cache import PairDataset, Settings, checked_rows, make_formatter, read_split_groups, split_kind
+from rewardlab.data.cache import (
+    PairDataset,
+    Settings,
+    checked_rows,
+    folder_aside,
+    make_formatter,
+    read_split_groups,
+    split_kind,
+)
 from rewardlab.data.formatting import truncate
 from rewardlab.data.groups import Group
 from rewardlab.data.rows import BadRow, DataError
@@ -51,8 +56,6 @@ def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, 
     """Read, check, tokenize and truncate one split's groups into `out` (written aside and renamed, like the
     pairs cache). Each response is truncated on its own (prompt first, from the left); a response longer
     than `max_length` with `truncation=drop` is dropped from its group, and counted."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     counts: Counter[str] = Counter()
     lengths, prompt_lengths, rows, offsets = array("i"), array("i"), array("q"), array("q", [0])
     scores, targets = array("f"), array("f")
@@ -66,7 +69,7 @@ def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, 
     formatter = make_formatter(tokenizer, s, "conversational" if chat else "explicit")
     n_attributes = len(s.attributes) if kind == "ratings" else 0
     bad_rows = []
-    try:
+    with folder_aside(out) as tmp:
         with open(tmp / "ids.bin", "wb") as ids_file:
             for _, item in items:
                 if isinstance(item, BadRow):
@@ -119,12 +122,6 @@ def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, 
         meta = {"source": spec, "split": split, "kind": kind, "format": formatter.style, "counts": dict(counts),
                 "attributes": list(s.attributes) if n_attributes else []}  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.rename(tmp, out)
-    except OSError:
-        if not out.exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def list_summary(meta: dict[str, Any], groups: int, responses: int) -> str:
