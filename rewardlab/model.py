@@ -439,4 +439,5 @@ class RewardModel(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         names = [g["name"] for g in self.parameter_groups()]
-        self.skipped_nonfinite = restore_run_state(checkpoint, self.trainer.state.fn == "fit", names)
+        fitting = "rng" in checkpoint and self.trainer.state.fn == "fit"  # (no trainer needed without rng state)
+        self.skipped_nonfinite = restore_run_state(checkpoint, fitting, names)
