@@ -366,8 +366,8 @@ class Scorer:
             raise ValueError("with_std: this export has one head, no spread to report")
         if with_attributes and not self.attributes:
             raise ValueError("with_attributes: this export has no attribute heads")
-        with_std = with_std or with_attributes
-        width = 1 + (len(self.attributes) if with_attributes else 1) if with_std else 1
+        heads = with_std or with_attributes  # read the carried heads beside the model's logit
+        width = 1 + (len(self.attributes) if with_attributes else 1) if heads else 1
         rewards = np.zeros((len(sequences), width))
         order = np.argsort([-len(s) for s in sequences], kind="stable")
         task = progress.add_task("scoring", total=len(sequences)) if progress else None
@@ -375,15 +375,15 @@ class Scorer:
             chunk = order[start : start + self.batch_size]
             input_ids, mask = pad_sequences([sequences[i] for i in chunk], self.tokenizer.pad_token_id)
             input_ids, mask = input_ids.to(self.model.device), mask.to(self.model.device)
-            if with_std:
-                rewards[chunk] = self._with_std(input_ids, mask)
+            if heads:
+                rewards[chunk] = self._with_heads(input_ids, mask)
             else:
                 rewards[chunk, 0] = self.model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().cpu()
             if progress:
                 progress.advance(task, len(chunk))
-        return rewards if with_std else rewards[:, 0]
+        return rewards if heads else rewards[:, 0]
 
-    def _with_std(self, input_ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    def _with_heads(self, input_ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         """`(N, 2)`: the model's reward, and the spread of the ensemble's heads on the state its reward
         module reads (every position for a native model, which then picks the last real token); for an
         attributes export `(N, 1 + attributes)`, the reward and the predicted ratings."""

@@ -163,6 +163,13 @@ def checked_rows(parts: list[Part], s: Settings, counts: Counter) -> tuple[str, 
     return kind, chat, "conversational" if chat else "explicit", group_rows()
 
 
+def bad_row_line(split: str, how: str, b: BadRow) -> str:
+    """One line of a cache's `bad_rows.jsonl`: a row `how` (skipped or dropped), where, which field and why."""
+    record = {"split": split, "kind": how, "where": b.where, "field": b.field, "code": b.code, "reason": b.reason,
+              "row": b.row}  # fmt: skip
+    return json.dumps(record, default=str, ensure_ascii=False) + "\n"
+
+
 def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Settings, out: Path) -> None:
     """Read, check, tokenize and truncate one split into `out`, streaming in chunks so memory does
     not grow with the dataset. Written to a temporary folder and renamed, so concurrent jobs of a
@@ -178,22 +185,7 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
 
             def reject(b: BadRow, how: str) -> None:
                 counts[f"{how}:{b.code}"] += 1
-                bad.write(
-                    json.dumps(
-                        {
-                            "split": split,
-                            "kind": how,
-                            "where": b.where,
-                            "field": b.field,
-                            "code": b.code,
-                            "reason": b.reason,
-                            "row": b.row,
-                        },
-                        default=str,
-                        ensure_ascii=False,
-                    )
-                    + "\n"
-                )
+                bad.write(bad_row_line(split, how, b))
 
             parts = source_parts(spec, split)  # each file's kind and schema from all its rows: a first pass
             kind, chat, schema, rows = checked_rows(parts, s, counts)

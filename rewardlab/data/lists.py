@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from rewardlab.data.cache import (
     PairDataset,
     Settings,
+    bad_row_line,
     checked_rows,
     folder_aside,
     make_formatter,
@@ -76,8 +77,7 @@ def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, 
                     if s.on_bad_row == "error":
                         raise DataError(f"{item.message()} (data.on_bad_row=skip skips such rows)")
                     counts[f"skipped:{item.code}"] += 1
-                    bad_rows.append({"split": split, "kind": "skipped", "where": item.where, "field": item.field,
-                                     "code": item.code, "reason": item.reason, "row": item.row})  # fmt: skip
+                    bad_rows.append(bad_row_line(split, "skipped", item))
                     continue
                 encoded = formatter.encode_items([(item.prompt, r) for r in item.responses])
                 kept = 0
@@ -90,8 +90,8 @@ def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, 
                             raise DataError(f"{item.where[k]}: {problem} (data.on_bad_row=skip skips such rows)")
                         code = "special_token" if isinstance(enc, str) else "too_long"
                         counts[f"dropped:{code}"] += 1
-                        bad_rows.append({"split": split, "kind": "dropped", "where": item.where[k], "field": None,
-                                         "code": code, "reason": problem, "row": item.responses[k]})  # fmt: skip
+                        dropped = BadRow(item.where[k], None, code, problem, item.responses[k])
+                        bad_rows.append(bad_row_line(split, "dropped", dropped))
                         continue
                     ids, _, cut, n_prompt = truncate(
                         enc.ids, enc.ids, enc.n_prompt, formatter.n_protected, s.max_length
@@ -116,9 +116,7 @@ def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, 
         ):
             np.save(tmp / f"{name}.npy", np.frombuffer(values, dtype=dtype))
         np.save(tmp / "targets.npy", np.frombuffer(targets, dtype=np.float32).reshape(len(lengths), n_attributes))
-        (tmp / "bad_rows.jsonl").write_text(
-            "".join(json.dumps(b, ensure_ascii=False, default=str) + "\n" for b in bad_rows), encoding="utf-8"
-        )
+        (tmp / "bad_rows.jsonl").write_text("".join(bad_rows), encoding="utf-8")
         meta = {"source": spec, "split": split, "kind": kind, "format": formatter.style, "counts": dict(counts),
                 "attributes": list(s.attributes) if n_attributes else []}  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
