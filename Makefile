@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help install models train test test-fast bench bench-all lint clean
+.PHONY: help install models train test test-fast fuzz bench bench-all lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -36,6 +36,9 @@ test: $(STAMP) $(MODELS)  ## run the whole test suite, slow tests included
 
 test-fast: $(STAMP) $(MODELS)  ## run the test suite without the slow tests
 	$(PY) -m pytest -m "not slow"
+
+fuzz: $(STAMP) $(MODELS)  ## the property tests with freshly drawn examples (make test draws the same ones each run)
+	$(PY) -m pytest -m hypothesis -p no:cacheprovider --hypothesis-profile=explore --hypothesis-show-statistics -q
 
 bench: $(STAMP) $(MODELS)  ## rewardlab (defaults) vs TRL's RewardTrainer (fastest of fp32/bf16), side by side on real text; appends to docs/BENCHMARKS.md
 	$(PY) bench/run.py compare

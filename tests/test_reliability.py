@@ -47,11 +47,11 @@ LINE = ROW.map(lambda r: json.dumps(r).encode()) | JSON.map(lambda v: json.dumps
 
 def counted_as_a_row(line: bytes, first: bool = False) -> bool:
     """The reader skips blank lines (not rows) and a file's leading UTF-8 byte-order mark; anything else,
-    valid or not, is a row."""
+    valid or not, is a row. Blank means JSON's whitespace only: a vertical tab is a (bad) row."""
     if first:
         line = line.removeprefix(b"\xef\xbb\xbf")
     try:
-        return bool(line.decode("utf-8").strip())
+        return bool(line.decode("utf-8").strip(" \t\r\n"))
     except UnicodeDecodeError:
         return True
 
@@ -59,6 +59,7 @@ def counted_as_a_row(line: bytes, first: bool = False) -> bool:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(lines=st.lists(LINE.map(lambda b: b.replace(b"\n", b" ")), min_size=1, max_size=30))
 @example(lines=[b"\xef\xbb\xbf"])  # a file holding only a byte-order mark: no row (found by this test)
+@example(lines=[b"\x0b", b"\x0c \t", b"\xe2\x80\xa8"])  # VT, FF, U+2028: rows, not blank (found by CI)
 def test_every_row_read_is_used_or_reported(lines, tmp_path_factory, tiny_tokenizer):
     folder = tmp_path_factory.mktemp("prop")
     source = folder / "train.jsonl"
