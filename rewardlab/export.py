@@ -39,7 +39,7 @@ from rewardlab.heads import AttributesHead, Head
 from rewardlab.model import RewardModel
 from rewardlab.run import load_run, score_pairs, split_datamodule
 from rewardlab.runfolder import claimed
-from rewardlab.scoring import HEADS_FILE, head_module_name, modeling_module
+from rewardlab.scoring import HEAD_ENTRY, HEADS_FILE, head_module_name, modeling_module
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         hf.to(getattr(torch, cfg.dtype)).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if info["head"]["file"]:
-            save_file({"weight": model.head.weight.detach().float().contiguous()}, tmp / HEADS_FILE)
+            weight = {"weight": model.head.weight.detach().float().contiguous()}
+            save_file(weight, tmp / HEADS_FILE, metadata={HEAD_ENTRY: json.dumps(info["head"])})
         log.info(
             "exported %s (%s, parity %.1e, reward mean %.3f std %.3f) to %s",
             type(hf).__name__,

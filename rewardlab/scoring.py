@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -42,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MODELING_FILE = "modeling_rewardlab.py"
 HEADS_FILE = "rewardlab_heads.safetensors"
+HEAD_ENTRY = "rewardlab.head"  # the heads file's own copy of config.json's entry, so an edit to either is seen
 AUTO_MAP = {
     "AutoConfig": "modeling_rewardlab.RewardlabConfig",
     "AutoModelForSequenceClassification": "modeling_rewardlab.RewardlabForSequenceClassification",
@@ -221,7 +221,9 @@ def open_heads(folder: Path, info: dict[str, Any], model: PreTrainedModel) -> tu
             )
     path = folder / HEADS_FILE
     try:
-        tensors = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            recorded = (f.metadata() or {}).get(HEAD_ENTRY)
     except (OSError, SafetensorError) as e:
         raise UntrustedExport(f"{path}: not a rewardlab heads file ({type(e).__name__}: {e})") from None
     if set(tensors) != {"weight"} or tensors["weight"].dtype != torch.float32:
@@ -255,6 +257,17 @@ def open_heads(folder: Path, info: dict[str, Any], model: PreTrainedModel) -> tu
     if not torch.equal(saved.to(module.weight.dtype), module.weight.detach().cpu()):
         what = "the mean of its heads" if head["kind"] == "ensemble" else "the combination of its attributes"
         raise UntrustedExport(f"{path}: {what} is not the model's reward head; not from this export")
+    if recorded is None:
+        raise UntrustedExport(f"{path}: records no {HEAD_ENTRY} entry (an export of an older rewardlab: export again)")
+    try:
+        same = json.loads(recorded) == head  # the export wrote both from one dict: a difference is an edit
+    except (ValueError, RecursionError):
+        same = False
+    if not same:
+        raise UntrustedExport(
+            f"{folder}: config.json's rewardlab.head differs from the entry {HEADS_FILE} records "
+            "(names, weights, means or stds edited after export?); export the checkpoint again"
+        )
     return rebuilt.eval().to(module.weight.device), module
 
 

@@ -124,6 +124,9 @@ def edit_head_info(folder: Path, replace: object = None, **changes) -> None:
         ("an ensemble without its file", "rewardlab.head.file is None"),
         ("an export without the saved dtype", "rewardlab.head.dtype is None"),
         ("a single head with a heads file beside it", "carries no heads file"),
+        ("a heads file of an older rewardlab", "records no rewardlab.head entry"),
+        ("an entry edited in the heads file", "rewardlab.head differs from the entry"),
+        ("an unreadable entry in the heads file", "rewardlab.head differs from the entry"),
     ],
 )
 def test_a_heads_file_or_entry_that_does_not_match_the_model_is_refused(attack, says, runs, tmp_path):
@@ -165,6 +168,13 @@ def test_a_heads_file_or_entry_that_does_not_match_the_model_is_refused(attack, 
         edit_head_info(folder, file=None)
     elif attack == "an export without the saved dtype":
         edit_head_info(folder, dtype=None)
+    elif attack == "a heads file of an older rewardlab":
+        save_file({"weight": weight}, folder / HEADS_FILE)
+    elif attack == "an entry edited in the heads file":
+        entry = json.loads((folder / "config.json").read_text())["rewardlab"]["head"] | {"dtype": "bfloat16"}
+        save_file({"weight": weight}, folder / HEADS_FILE, metadata={"rewardlab.head": json.dumps(entry)})
+    elif attack == "an unreadable entry in the heads file":
+        save_file({"weight": weight}, folder / HEADS_FILE, metadata={"rewardlab.head": "[" * 100_000})
     else:
         edit_head_info(folder, kind="linear", file=None)
     with pytest.raises(UntrustedExport, match=re.escape(says)):

@@ -210,13 +210,17 @@ def test_an_attributes_export_is_one_logit_and_scoring_gives_the_models_ratings(
         ({"mean": [10**400, 0.0]}, "rewardlab.head.mean .* within ±1e30"),
         ({"combination": [1.0, 0.6]}, "the combination of its attributes is not the model's reward head"),
         ({"mean": [0.0, 0.0], "std": [2.0, 1.0]}, "the combination of its attributes is not the model's reward head"),
+        ({"names": ["concise", "helpful"]}, "differs from the entry rewardlab_heads.safetensors"),
+        ({"names": ["helpful", "brief"]}, "rewardlab.head differs from the entry"),
+        ({"mean": "shifted"}, "rewardlab.head differs from the entry"),  # each mean + 1: the reward is unchanged
     ],
 )
 def test_an_attributes_entry_that_does_not_match_the_model_is_refused(change, says, regression_run, tmp_path):
     folder = tmp_path / "rm"
     shutil.copytree(regression_run / "rm", folder)
     config = json.loads((folder / "config.json").read_text())
-    config["rewardlab"]["head"] |= change
+    head = config["rewardlab"]["head"]
+    head |= {"mean": [m + 1.0 for m in head["mean"]]} if change == {"mean": "shifted"} else change
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UntrustedExport, match=says):
         Scorer(str(folder), False, 4)
