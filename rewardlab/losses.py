@@ -105,13 +105,15 @@ class BradleyTerryTies(Loss, nn.Module):
     """Bradley–Terry with ties (Davidson 1970): P(w ≻ l) ∝ e^{r_w}, P(l ≻ w) ∝ e^{r_l} and P(tie) ∝
     ν·e^{(r_w + r_l)/2}, so with d = r_w − r_l the loss of a preference is −d/2 + log Z and of a tie
     −log ν + log Z, Z = e^{d/2} + e^{−d/2} + ν. ν = e^θ is learned (θ starts at `log_tie_init`); with no ties
-    it still spreads probability on a tie, so it is not Bradley–Terry on decisive pairs alone."""
+    it still spreads probability on a tie, so it is not Bradley–Terry on decisive pairs alone. θ trains at its
+    own rate `lr`: one scalar at a backbone's rate (1e-5) would barely leave its start in a run."""
 
     handles_ties = True
 
-    def __init__(self, log_tie_init: float):
+    def __init__(self, log_tie_init: float, lr: float):
         nn.Module.__init__(self)
         self.log_tie = nn.Parameter(torch.tensor(float(log_tie_init)))
+        self.lr = float(lr)
 
     def pairwise(self, chosen: Tensor, rejected: Tensor, margin: Tensor, tie: Tensor | None = None) -> Tensor:
         d = chosen - rejected

@@ -399,17 +399,22 @@ class RewardModel(L.LightningModule):
         self._log_epoch("test")
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Weight decay for matrices only (not biases or norms); the head gets `head_lr_mult` × lr."""
+        """Weight decay for matrices only (not biases or norms); the head gets `head_lr_mult` × lr, and a
+        loss's own parameters (bt_ties' log ν) the loss's `lr`, without decay."""
         lr = self.optimizer_factory.keywords["lr"]
-        decay, no_decay, head = [], [], []
+        decay, no_decay, head, loss = [], [], [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (head if name.startswith("head.") else decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [  # named: the learning-rate monitor logs lr/backbone, lr/backbone_no_decay, lr/head
+            if name.startswith("loss_fn."):
+                loss.append(p)
+            else:
+                (head if name.startswith("head.") else decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [  # named: the learning-rate monitor logs lr/backbone, lr/backbone_no_decay, lr/head, lr/loss
             {"params": decay, "name": "backbone"},
             {"params": no_decay, "weight_decay": 0.0, "name": "backbone_no_decay"},
             {"params": head, "lr": lr * self.head_lr_mult, "name": "head"},
+            {"params": loss, "lr": getattr(self.loss_fn, "lr", lr), "weight_decay": 0.0, "name": "loss"},
         ]
         return [g for g in groups if g["params"]]
 

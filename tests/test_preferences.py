@@ -289,3 +289,16 @@ def test_held_out_pairs_whose_responses_are_training_responses_are_counted_for_g
     caplog.set_level("WARNING")
     train(make_cfg("method=plackett_luce", *RATINGS, *ATTRIBUTES, "trainer.max_steps=1"))
     assert "data val: 4 of its 4 pairs are also in the training data" in caplog.text
+
+
+def test_the_tie_parameter_trains_at_the_losss_own_rate_not_the_backbones(make_cfg):
+    cfg = make_cfg("loss=bt_ties", "data.ties=keep", *TIES, "loss.lr=0.1", "trainer.max_epochs=6", "test=false")
+    train(cfg)
+    checkpoint = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    groups = {g["name"]: g for g in checkpoint["optimizer_states"][0]["param_groups"]}
+    assert groups["loss"]["initial_lr"] == 0.1 and groups["loss"]["weight_decay"] == 0.0
+    assert groups["backbone"]["initial_lr"] == cfg.optimizer.lr == 2e-3
+    moved = checkpoint["state_dict"]["loss_fn.log_tie"].item()
+    # Adam moves a parameter about its rate per step: 6 steps at the backbone's 2e-3 could not pass 0.012.
+    # Up, as half the pairs are ties (at equal rewards the likelihood peaks at ν = 2, log ν = 0.69).
+    assert checkpoint["global_step"] == 6 and 0.2 < moved < 0.6
