@@ -27,7 +27,7 @@ from rewardlab.data.groups import Group, decide_kind, group_pairs, read_groups
 from rewardlab.data.rows import BadRow, DataError, Pair, check_row, decide_schema, split_schema
 from rewardlab.data.sources import Part, chunks, source_parts
 
-CACHE_VERSION = "5"
+CACHE_VERSION = "6"
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from array import array
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, 
                     bad_rows.append(bad_row_line(split, "skipped", item))
                     continue
                 encoded = formatter.encode_items([(item.prompt, r) for r in item.responses])
-                kept = 0
+                candidates = []
                 for k, enc in enumerate(encoded):
                     problem = enc if isinstance(enc, str) else None
                     if problem is None and len(enc.ids) > s.max_length and s.truncation == "drop":
@@ -93,9 +93,20 @@ def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, 
                         dropped = BadRow(item.where[k], None, code, problem, item.responses[k])
                         bad_rows.append(bad_row_line(split, "dropped", dropped))
                         continue
-                    ids, _, cut, n_prompt = truncate(
-                        enc.ids, enc.ids, enc.n_prompt, formatter.n_protected, s.max_length
-                    )
+                    candidates.append((k, *truncate(enc.ids, enc.ids, enc.n_prompt, formatter.n_protected,
+                                                    s.max_length)))  # fmt: skip
+                copies = defaultdict(list)  # responses whose tokens are equal once truncated: their scores
+                for k, ids, *_ in candidates:  # disagree on one input, so every copy goes (as a pair would)
+                    copies[tuple(ids)].append(k)
+                kept = 0
+                for k, ids, _, cut, n_prompt in candidates:
+                    if len(same := copies[tuple(ids)]) > 1:
+                        other = next(i for i in same if i != k)
+                        why = f"identical to response {other} once truncated to max_length={s.max_length}"
+                        dropped = BadRow(item.where[k], None, "identical_after_truncation", why, item.responses[k])
+                        counts["dropped:identical_after_truncation"] += 1
+                        bad_rows.append(bad_row_line(split, "dropped", dropped))
+                        continue
                     if cut:
                         counts[f"truncated:{cut}"] += 1
                     ids_file.write(np.asarray(ids, dtype=np.int32).tobytes())

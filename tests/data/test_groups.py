@@ -228,3 +228,21 @@ def test_a_pair_row_with_extra_response_columns_stays_a_pair_and_ratings_group_a
     with pytest.raises(DataError, match="val_fraction holds out pairs, but this training data is made of rankings"):
         ready(datamodule(tiny_tokenizer, tmp_path / "c", train_file=str(folder), pairs_from="ratings", val_file=None,
                          val_fraction=0.5))  # fmt: skip
+
+
+def test_responses_identical_once_truncated_leave_their_group_counted_and_named(tmp_path, tiny_tokenizer):
+    tail = " one two three four five six seven eight"
+    row = {"prompt": "why", "responses": ["yes" + tail, "no" + tail, "maybe", "why not"], "ranks": [1, 2, 3, 4]}
+    path = lines(tmp_path, "r.jsonl", [row])
+    dm = ready(datamodule(tiny_tokenizer, tmp_path, train_file=path, train_unit="lists", max_length=8))
+    groups = dm.lists["train"]
+    assert groups.sizes.tolist() == [2] and groups.scores.tolist() == [-3, -4]  # "maybe" and "why not" stay
+    counts = groups.meta["counts"]
+    assert counts["dropped:identical_after_truncation"] == 2 and counts["used"] == 2
+    dropped = [json.loads(line) for line in (tmp_path / "run" / "bad_rows.jsonl").read_text().splitlines()]
+    assert [(d["code"], d["reason"]) for d in dropped] == [
+        ("identical_after_truncation", "identical to response 1 once truncated to max_length=8"),
+        ("identical_after_truncation", "identical to response 0 once truncated to max_length=8"),
+    ]
+    whole = ready(datamodule(tiny_tokenizer, tmp_path / "w", train_file=path, train_unit="lists", max_length=64))
+    assert whole.lists["train"].sizes.tolist() == [4]  # not truncated: all four differ
