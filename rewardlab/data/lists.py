@@ -35,15 +35,17 @@ from rewardlab.data.sources import source_parts
 Item = tuple[int, Group | BadRow]
 
 
-def _pair_groups(parts: list, s: Settings, counts: Counter) -> tuple[bool, list[Item]]:
-    """A pairs split as groups of two, in reading order."""
+def _pair_groups(parts: list, split: str, s: Settings, counts: Counter, bad_rows: list[str]) -> tuple[bool, list[Item]]:
+    """A pairs split as groups of two, in reading order; tie pairs with `ties=skip` dropped and listed, as the
+    pairs cache does."""
     _, chat, _, rows = checked_rows(parts, s, counts)
     items: list[Item] = []
-    for index, where, _, pair in rows:
+    for index, where, row, pair in rows:
         if isinstance(pair, BadRow):
             items.append((index, pair))
         elif pair.tie and s.ties == "skip":
             counts["dropped:tie"] += 1
+            bad_rows.append(bad_row_line(split, "dropped", BadRow(where, None, "tie", "a tie (data.ties=skip)", row)))
         else:
             scores = [0.0, 0.0] if pair.tie else [1.0, 0.0]
             group = Group(
@@ -62,14 +64,14 @@ def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, 
     scores, targets = array("f"), array("f")
     parts = source_parts(spec, split)
     kind = split_kind(parts, s)
+    bad_rows: list[str] = []
     if kind == "pairs":
-        chat, items = _pair_groups(parts, s, counts)
+        chat, items = _pair_groups(parts, split, s, counts, bad_rows)
     else:
         items = read_split_groups(parts, kind, s, counts)
         chat = any(isinstance(g, Group) and isinstance(g.prompt, list) for _, g in items)
     formatter = make_formatter(tokenizer, s, "conversational" if chat else "explicit")
     n_attributes = len(s.attributes) if kind == "ratings" else 0
-    bad_rows = []
     with folder_aside(out) as tmp:
         with open(tmp / "ids.bin", "wb") as ids_file:
             for _, item in items:

@@ -125,6 +125,13 @@ def test_the_tie_field_is_true_or_false_only(value, expected):
 def test_ties_are_skipped_and_counted_or_kept_and_counted(tmp_path, tiny_tokenizer):
     skip = ready(datamodule(tiny_tokenizer, tmp_path / "a", train_file=str(FIXTURES / "ties.jsonl")))
     assert skip.datasets["train"].meta["counts"] == {"read": 4, "used": 2, "dropped:tie": 2}
+    lists = ready(
+        datamodule(tiny_tokenizer, tmp_path / "l", train_file=str(FIXTURES / "ties.jsonl"), train_unit="lists")
+    )
+    assert lists.lists["train"].meta["counts"]["dropped:tie"] == 2  # pairs read as groups of two drop them too
+    for run in ("a", "l"):  # and both list each dropped tie by its line
+        listed = [json.loads(line) for line in (tmp_path / run / "run" / "bad_rows.jsonl").read_text().splitlines()]
+        assert [(r["where"].rsplit(":", 1)[1], r["code"]) for r in listed] == [("2", "tie"), ("4", "tie")], run
     keep = ready(datamodule(tiny_tokenizer, tmp_path / "b", train_file=str(FIXTURES / "ties.jsonl"), ties="keep"))
     assert keep.ties_in("train") == 2 and keep.datasets["train"].tie.tolist() == [False, True, False, True]
     batch = keep.collator([keep.datasets["train"][i] for i in range(4)])
