@@ -155,7 +155,7 @@ def test_rankings_become_pairs_with_pairs_from_and_every_count_is_reported(tmp_p
     )
 
 
-def test_a_listwise_loss_trains_on_whole_groups_and_a_batch_holds_every_response(tmp_path, tiny_tokenizer):
+def test_a_listwise_loss_trains_on_whole_groups_and_a_batch_holds_every_response(tmp_path, tiny_tokenizer, caplog):
     dm = ready(datamodule(tiny_tokenizer, tmp_path, train_file=str(FIXTURES / "rankings.jsonl"), train_unit="lists"))
     groups = dm.lists["train"]
     assert groups.sizes.tolist() == [4, 3, 2] and "train" not in dm.datasets  # no pairs tokenized for training
@@ -165,6 +165,12 @@ def test_a_listwise_loss_trains_on_whole_groups_and_a_batch_holds_every_response
     assert batch["index"].tolist() == [0, 1, 2] and batch["targets"].shape == (9, 0)
     loader = dm.train_dataloader()  # batch_size 2 pairs: at most 4 responses per batch, whole groups
     assert sorted(len(b["index"]) for b in loader) == [1, 1, 1]
+    small = datamodule(tiny_tokenizer, tmp_path / "s", train_file=str(FIXTURES / "rankings.jsonl"), train_unit="lists",
+                       batch_size=1)  # fmt: skip
+    with caplog.at_level("WARNING"):
+        ready(small)
+    assert "data train: 2 prompts hold more than 2 × data.batch_size = 2 responses (up to 4)" in caplog.text
+    assert [len(b["index"]) for b in small.train_dataloader()] == [1, 1, 1]  # each whole, one per batch
     with pytest.raises(DataError, match="val_fraction holds out pairs"):
         ready(datamodule(tiny_tokenizer, tmp_path / "v", train_file=str(FIXTURES / "rankings.jsonl"), val_file=None,
                          val_fraction=0.5, train_unit="lists"))  # fmt: skip
