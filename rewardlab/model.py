@@ -28,7 +28,7 @@ from rewardlab.freeze import eval_frozen, modules_after_blocks
 from rewardlab.heads import Head
 from rewardlab.losses import BradleyTerry, check_data, tie_of
 from rewardlab.metrics import PairMetrics, PairOutcomes
-from rewardlab.optim import clip_gradients
+from rewardlab.optim import clip_gradients, parameter_groups
 from rewardlab.pooling import choose_pooling, pool, position_ids
 from rewardlab.shared_prompt import SharedBatch, as_kind, decide_sharing, mask_kind, pack
 from rewardlab.speed import ActivationEstimate, free_memory_bytes
@@ -399,24 +399,9 @@ class RewardModel(L.LightningModule):
         self._log_epoch("test")
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Weight decay for matrices only (not biases or norms); the head gets `head_lr_mult` × lr, and a
-        loss's own parameters (bt_ties' log ν) the loss's `lr`, without decay."""
+        """See `rewardlab.optim.parameter_groups`; only a loss with parameters of its own has an `lr`."""
         lr = self.optimizer_factory.keywords["lr"]
-        decay, no_decay, head, loss = [], [], [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            if name.startswith("loss_fn."):
-                loss.append(p)
-            else:
-                (head if name.startswith("head.") else decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [  # named: the learning-rate monitor logs lr/backbone, lr/backbone_no_decay, lr/head, lr/loss
-            {"params": decay, "name": "backbone"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "backbone_no_decay"},
-            {"params": head, "lr": lr * self.head_lr_mult, "name": "head"},
-            {"params": loss, "lr": getattr(self.loss_fn, "lr", lr), "weight_decay": 0.0, "name": "loss"},
-        ]
-        return [g for g in groups if g["params"]]
+        return parameter_groups(self.named_parameters(), lr, self.head_lr_mult, getattr(self.loss_fn, "lr", lr))
 
     def configure_gradient_clipping(
         self,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -42,6 +43,29 @@ class Lion(Optimizer):
                 p.add_(torch.sign(momentum.mul(beta1).add_(p.grad, alpha=1 - beta1)), alpha=-group["lr"])
                 momentum.mul_(beta2).add_(p.grad, alpha=1 - beta2)
         return loss
+
+
+def parameter_groups(
+    named: Iterator[tuple[str, nn.Parameter]], lr: float, head_lr_mult: float, loss_lr: float
+) -> list[dict[str, Any]]:
+    """The reward model's optimizer groups: weight decay for matrices only (not biases or norms); the head
+    (`head.*`) at `head_lr_mult` × lr; a loss's own parameters (`loss_fn.*`: bt_ties' log ν) at `loss_lr`,
+    without decay. Named, so the learning-rate monitor logs lr/backbone, lr/backbone_no_decay, lr/head, lr/loss."""
+    decay, no_decay, head, loss = [], [], [], []
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        if name.startswith("loss_fn."):
+            loss.append(p)
+        else:
+            (head if name.startswith("head.") else decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "name": "backbone"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "backbone_no_decay"},
+        {"params": head, "lr": lr * head_lr_mult, "name": "head"},
+        {"params": loss, "lr": loss_lr, "weight_decay": 0.0, "name": "loss"},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def warmup_schedule(optimizer: Optimizer, total_steps: int, shape: str, warmup: float, min_lr_ratio: float) -> LambdaLR:

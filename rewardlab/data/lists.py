@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from array import array
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -31,6 +32,8 @@ from rewardlab.data.formatting import truncate
 from rewardlab.data.groups import Group
 from rewardlab.data.rows import BadRow, DataError
 from rewardlab.data.sources import source_parts
+
+log = logging.getLogger(__name__)
 
 Item = tuple[int, Group | BadRow]
 
@@ -156,7 +159,7 @@ class ListDataset(Dataset):
     """Groups served from a list cache folder: the groups with at least `min_size` responses."""
 
     def __init__(self, folder: Path, min_size: int):
-        self.folder = folder
+        self.folder, self.min_size = folder, min_size
         self.meta = json.loads((folder / "meta.json").read_text())
         self.seq_lengths = np.load(folder / "lengths.npy")
         self.prompt_lengths = np.load(folder / "prompt_lengths.npy")
@@ -174,6 +177,17 @@ class ListDataset(Dataset):
             [self.seq_lengths[self.group_offsets[g] : self.group_offsets[g + 1]].max() for g in self.index],
             dtype=np.int64,
         )
+
+    def log_summary(self, batch_key: str, batch_size: int) -> None:
+        """The summary line; the prompts left out for too few responses; those that run as a batch larger than
+        `batch_size` pairs' sequences (a group is never split)."""
+        split = self.meta["split"]
+        log.info(list_summary(self.meta, len(self), int(self.sizes.sum())))
+        if short := len(self.group_offsets) - 1 - len(self):
+            log.info("data %s: %d prompts left out, with fewer than %d responses", split, short, self.min_size)
+        if big := int((self.sizes > 2 * batch_size).sum()):
+            log.warning("data %s: %d prompts hold more than 2 × %s = %d responses (up to %d); each runs as one batch "
+                        "of all its responses", split, big, batch_key, 2 * batch_size, self.sizes.max())  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.index)

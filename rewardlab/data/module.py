@@ -282,17 +282,11 @@ class PreferenceDataModule(L.LightningDataModule):
                 log.info(summary_line(self.datasets[split].meta))
                 text = (self.datasets[split].folder / "bad_rows.jsonl").read_text(encoding="utf-8")
                 lines += text.split("\n")[:-1]  # not splitlines(): rows may hold U+2028 or U+0085
-        for groups in self.lists.values():
-            log.info(list_summary(groups.meta, len(groups), int(groups.sizes.sum())))
-            if short := int((np.diff(groups.group_offsets) < (2 if self.train_unit == "lists" else 1)).sum()):
-                log.info("data %s: %d prompts with one response left out (a listwise loss compares responses)",
-                         groups.meta["split"], short)  # fmt: skip
-            train = groups.meta["split"] == "train"
-            key, b = ("data.batch_size", self.batch_size) if train else ("data.eval_batch_size", self.eval_batch_size)
-            if big := int((groups.sizes > 2 * b).sum()):  # a group is never split: it runs whole, as one batch
-                log.warning("data %s: %d prompts hold more than 2 × %s = %d responses (up to %d); each runs as one "
-                            "batch of all its responses", groups.meta["split"], big, key, 2 * b,
-                            groups.sizes.max())  # fmt: skip
+        for split, groups in self.lists.items():
+            if split == "train":
+                groups.log_summary("data.batch_size", self.batch_size)
+            else:
+                groups.log_summary("data.eval_batch_size", self.eval_batch_size)
             lines += (groups.folder / "bad_rows.jsonl").read_text(encoding="utf-8").split("\n")[:-1]
         if lines and self.report_dir is not None:
             self.report_dir.mkdir(parents=True, exist_ok=True)

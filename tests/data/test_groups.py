@@ -170,6 +170,13 @@ def test_a_listwise_loss_trains_on_whole_groups_and_a_batch_holds_every_response
     with caplog.at_level("WARNING"):
         ready(small)
     assert "data train: 2 prompts hold more than 2 × data.batch_size = 2 responses (up to 4)" in caplog.text
+    caplog.clear()
+    tail = " one two three four five six seven eight"  # truncation keeps a response's end: the two become one
+    one = {"prompt": "q", "responses": ["yes" + tail, "no" + tail], "ranks": [1, 2]}
+    with caplog.at_level("INFO"):
+        path = lines(tmp_path, "o.jsonl", [RANKING, one])
+        ready(datamodule(tiny_tokenizer, tmp_path / "o", train_file=path, train_unit="lists", max_length=8))
+    assert "data train: 1 prompts left out, with fewer than 2 responses" in caplog.text
     assert [len(b["index"]) for b in small.train_dataloader()] == [1, 1, 1]  # each whole, one per batch
     with pytest.raises(DataError, match="val_fraction holds out pairs"):
         ready(datamodule(tiny_tokenizer, tmp_path / "v", train_file=str(FIXTURES / "rankings.jsonl"), val_file=None,
