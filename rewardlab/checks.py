@@ -172,7 +172,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "head.ortho_coef": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
     "head.normalize": (lambda v: isinstance(v, bool), "true or false"),
     "loss.log_tie_init": (lambda v: _number(v) and abs(v) <= 20, "a number in [-20, 20] (ν = e^log_tie)"),
-    "loss.lr": (lambda v: _number(v) and v > 0, "a finite number > 0 (the loss's own parameters' learning rate)"),
+    "loss.lr": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1] (the loss's own parameters' learning rate)"),
     "loss.kind": (lambda v: v in ("mse", "gaussian_nll"), "mse or gaussian_nll"),
 }
 

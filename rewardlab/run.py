@@ -209,13 +209,18 @@ def load_run(
 
 
 def fill_newer_keys(cfg: DictConfig, ckpt_path: str) -> None:
-    """A checkpoint from an older rewardlab lacks the `model` and `data` settings added since: they take
-    the packaged defaults, named in the log (a key the checkpoint has is never changed)."""
+    """A checkpoint from an older rewardlab lacks the `model`, `data` and `loss` settings added since: they
+    take the packaged defaults (the loss's from the packaged option of the same class), named in the log (a
+    key the checkpoint has is never changed)."""
     conf = PACKAGE / "conf"
     packaged = {
         "model": OmegaConf.load(conf / "train.yaml").model,
         "data": OmegaConf.load(conf / "data" / "default.yaml"),
     }
+    target = cfg.loss.get("_target_") if isinstance(cfg.get("loss"), DictConfig) else None
+    options = (OmegaConf.load(path) for path in sorted((conf / "loss").glob("*.yaml")))
+    if loss := next((o for o in options if target is not None and o.get("_target_") == target), None):
+        packaged["loss"] = loss
     added = []
     if "head" not in cfg:
         cfg.head = linear_head()

@@ -265,8 +265,8 @@ def open_heads(folder: Path, info: dict[str, Any], model: PreTrainedModel) -> tu
         same = False
     if not same:
         raise UntrustedExport(
-            f"{folder}: config.json's rewardlab.head differs from the entry {HEADS_FILE} records "
-            "(names, weights, means or stds edited after export?); export the checkpoint again"
+            f"{folder}: config.json's rewardlab.head differs from the entry {HEADS_FILE} records (or that entry "
+            "is not readable JSON): one of them was edited after export; export the checkpoint again"
         )
     return rebuilt.eval().to(module.weight.device), module
 

@@ -19,6 +19,7 @@ from rewardlab.backbones import tiny
 from rewardlab.checks import ConfigError
 from rewardlab.data.batching import pad_sequences
 from rewardlab.data.rows import DataError
+from rewardlab.errors import UserError
 from rewardlab.eval import evaluate
 from rewardlab.export import export
 from rewardlab.heads import AttributesHead, EnsembleHead, OdinHead
@@ -101,6 +102,8 @@ def test_the_ratings_experiment_composes_each_method(tmp_path, cache_dir):
         (["data.pairs_from=ratings"], DataError, "data.pairs_from=ratings: .* holds pairs; unset it"),
         (["loss=bt_ties", "loss.log_tie_init=1e30"], ConfigError, "loss.log_tie_init: expected a number in"),
         (["loss=regression", "head=attributes", "loss.kind=mae", *RATINGS, *ATTRIBUTES], ConfigError, "loss.kind"),
+        (["loss=bt_ties", "loss.lr=1e300"], ConfigError, "loss.lr: expected a number in \\(0, 1\\]"),
+        (["loss=bt_ties", "optimizer=adafactor"], ConfigError, "optimizer=adafactor would barely move"),
     ],
 )
 def test_combinations_that_cannot_work_are_refused_before_training(overrides, error, says, make_cfg):
@@ -302,3 +305,26 @@ def test_the_tie_parameter_trains_at_the_losss_own_rate_not_the_backbones(make_c
     # Adam moves a parameter about its rate per step: 6 steps at the backbone's 2e-3 could not pass 0.012.
     # Up, as half the pairs are ties (at equal rewards the likelihood peaks at ν = 2, log ν = 0.69).
     assert checkpoint["global_step"] == 6 and 0.2 < moved < 0.6
+
+
+def test_a_bt_ties_checkpoint_from_before_the_loss_group_loads_and_refuses_to_resume_in_one_line(
+    make_cfg, tmp_path, caplog
+):
+    cfg = make_cfg("loss=bt_ties", "data.ties=keep", *TIES, "trainer.max_steps=2", "trainer.max_epochs=2", "test=false")
+    train(cfg)
+    old = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    del old["rewardlab_config"]["loss"]["lr"]  # as stored before log ν had its own rate and group
+    state = old["optimizer_states"][0]
+    *groups, loss = state["param_groups"]
+    groups[1]["params"] = sorted(groups[1]["params"] + loss["params"])
+    state["param_groups"] = [{k: v for k, v in g.items() if k != "name"} for g in groups]
+    path = tmp_path / "old.ckpt"
+    torch.save(old, path)
+    with caplog.at_level("WARNING"):
+        loaded, model, _ = load_run(str(path))
+    assert loaded.loss.lr == 0.01 and "loss.lr=0.01 taken from today's defaults" in caplog.text
+    resume = make_cfg("loss=bt_ties", "data.ties=keep", *TIES, "trainer.max_steps=4", "trainer.max_epochs=4",
+                      "test=false", f"ckpt_path={path}", "resume.allow_changes=true", folder="resumed")  # fmt: skip
+    says = "groups unnamed, unnamed, unnamed; this run trains backbone, backbone_no_decay, head, loss, so its"
+    with pytest.raises(UserError, match=says):
+        train(resume)

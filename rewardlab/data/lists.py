@@ -58,6 +58,30 @@ def _pair_groups(parts: list, split: str, s: Settings, counts: Counter, bad_rows
     return chat, items
 
 
+def _without_copies(group: Group, candidates: list, n_attributes: int, max_length: int) -> tuple[list, list[BadRow]]:
+    """A group's truncated responses less those whose tokens another's equal: one input with two labels
+    (scores, or ratings when fitted) loses every copy; with one label, the first copy stays."""
+    copies = defaultdict(list)
+    for k, ids, *_ in candidates:
+        copies[tuple(ids)].append(k)
+
+    def label(k: int) -> tuple:
+        return (group.scores[k], *(group.attributes[k] if n_attributes else ()))
+
+    kept, dropped = [], []
+    for candidate in candidates:
+        k, same = candidate[0], copies[tuple(candidate[1])]
+        agree = len({label(j) for j in same}) == 1
+        if len(same) == 1 or (agree and k == same[0]):
+            kept.append(candidate)
+            continue
+        other = next(j for j in same if j != k)
+        at = f"response {other}" if group.rows[other] == group.rows[k] else f"the response of {group.where[other]}"
+        why = f"identical to {at} once truncated to max_length={max_length}" + ("" if agree else ", scored otherwise")
+        dropped.append(BadRow(group.where[k], None, "identical_after_truncation", why, group.responses[k]))
+    return kept, dropped
+
+
 def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Settings, out: Path) -> None:
     """Read, check, tokenize and truncate one split's groups into `out` (written aside and renamed, like the
     pairs cache). Each response is truncated on its own (prompt first, from the left); a response longer
@@ -100,18 +124,12 @@ def build_list_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, 
                         continue
                     candidates.append((k, *truncate(enc.ids, enc.ids, enc.n_prompt, formatter.n_protected,
                                                     s.max_length)))  # fmt: skip
-                copies = defaultdict(list)  # responses whose tokens are equal once truncated: their scores
-                for k, ids, *_ in candidates:  # disagree on one input, so every copy goes (as a pair would)
-                    copies[tuple(ids)].append(k)
+                candidates, copies = _without_copies(item, candidates, n_attributes, s.max_length)
+                for dropped in copies:
+                    counts["dropped:identical_after_truncation"] += 1
+                    bad_rows.append(bad_row_line(split, "dropped", dropped))
                 kept = 0
                 for k, ids, _, cut, n_prompt in candidates:
-                    if len(same := copies[tuple(ids)]) > 1:
-                        other = next(i for i in same if i != k)
-                        why = f"identical to response {other} once truncated to max_length={s.max_length}"
-                        dropped = BadRow(item.where[k], None, "identical_after_truncation", why, item.responses[k])
-                        counts["dropped:identical_after_truncation"] += 1
-                        bad_rows.append(bad_row_line(split, "dropped", dropped))
-                        continue
                     if cut:
                         counts[f"truncated:{cut}"] += 1
                     ids_file.write(np.asarray(ids, dtype=np.int32).tobytes())
@@ -178,16 +196,16 @@ class ListDataset(Dataset):
             dtype=np.int64,
         )
 
-    def log_summary(self, batch_key: str, batch_size: int) -> None:
-        """The summary line; the prompts left out for too few responses; those that run as a batch larger than
-        `batch_size` pairs' sequences (a group is never split)."""
+    def log_summary(self, batch_size: int | None) -> None:
+        """The summary line; the prompts left out for too few responses; for training (`batch_size`), those
+        that run as a batch larger than the sequences of `batch_size` pairs (a group is never split)."""
         split = self.meta["split"]
         log.info(list_summary(self.meta, len(self), int(self.sizes.sum())))
         if short := len(self.group_offsets) - 1 - len(self):
             log.info("data %s: %d prompts left out, with fewer than %d responses", split, short, self.min_size)
-        if big := int((self.sizes > 2 * batch_size).sum()):
-            log.warning("data %s: %d prompts hold more than 2 × %s = %d responses (up to %d); each runs as one batch "
-                        "of all its responses", split, big, batch_key, 2 * batch_size, self.sizes.max())  # fmt: skip
+        if batch_size and (big := int((self.sizes > 2 * batch_size).sum())):
+            log.warning("data %s: %d prompts hold more than 2 × data.batch_size = %d responses (up to %d); each runs "
+                        "as one batch of all its responses", split, big, 2 * batch_size, self.sizes.max())  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.index)

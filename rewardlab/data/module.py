@@ -283,10 +283,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 text = (self.datasets[split].folder / "bad_rows.jsonl").read_text(encoding="utf-8")
                 lines += text.split("\n")[:-1]  # not splitlines(): rows may hold U+2028 or U+0085
         for split, groups in self.lists.items():
-            if split == "train":
-                groups.log_summary("data.batch_size", self.batch_size)
-            else:
-                groups.log_summary("data.eval_batch_size", self.eval_batch_size)
+            groups.log_summary(self.batch_size if split == "train" else None)
             lines += (groups.folder / "bad_rows.jsonl").read_text(encoding="utf-8").split("\n")[:-1]
         if lines and self.report_dir is not None:
             self.report_dir.mkdir(parents=True, exist_ok=True)

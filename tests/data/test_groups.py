@@ -261,8 +261,24 @@ def test_responses_identical_once_truncated_leave_their_group_counted_and_named(
     assert counts["dropped:identical_after_truncation"] == 2 and counts["used"] == 2
     dropped = [json.loads(line) for line in (tmp_path / "run" / "bad_rows.jsonl").read_text().splitlines()]
     assert [(d["code"], d["reason"]) for d in dropped] == [
-        ("identical_after_truncation", "identical to response 1 once truncated to max_length=8"),
-        ("identical_after_truncation", "identical to response 0 once truncated to max_length=8"),
+        ("identical_after_truncation", "identical to response 1 once truncated to max_length=8, scored otherwise"),
+        ("identical_after_truncation", "identical to response 0 once truncated to max_length=8, scored otherwise"),
     ]
     whole = ready(datamodule(tiny_tokenizer, tmp_path / "w", train_file=path, train_unit="lists", max_length=64))
     assert whole.lists["train"].sizes.tolist() == [4]  # not truncated: all four differ
+    tied = lines(tmp_path, "t.jsonl", [row | {"ranks": [1, 1, 2, 3]}])  # the copies agree: the first stays
+    dm = ready(datamodule(tiny_tokenizer, tmp_path / "t", train_file=tied, train_unit="lists", max_length=8))
+    assert dm.lists["train"].scores.tolist() == [-1, -2, -3]
+    assert dm.lists["train"].meta["counts"]["dropped:identical_after_truncation"] == 1
+    folder = tmp_path / "ratings"  # ratings grouped across files: the other copy is named by its file and line
+    folder.mkdir()
+    why = [{"prompt": "why", "response": r, "score": n} for n, r in enumerate(["yes" + tail, "no" + tail, "maybe"])]
+    lines(folder, "1.jsonl", [why[0], {"prompt": "what", "response": "a", "score": 1}])
+    lines(folder, "2.jsonl", [why[1], why[2], {"prompt": "what", "response": "b", "score": 2}])
+    dm = ready(datamodule(tiny_tokenizer, tmp_path / "r", train_file=str(folder), train_unit="lists", max_length=8))
+    assert dm.lists["train"].sizes.tolist() == [2]  # "why" keeps one response: no comparison left
+    reasons = [json.loads(r)["reason"] for r in (tmp_path / "r" / "run" / "bad_rows.jsonl").read_text().splitlines()]
+    assert (
+        reasons[0]
+        == f"identical to the response of {folder / '2.jsonl'}:1 once truncated to max_length=8, scored otherwise"
+    )
