@@ -37,7 +37,7 @@ test: $(STAMP) $(MODELS)  ## run the whole test suite, slow tests included
 test-fast: $(STAMP) $(MODELS)  ## run the test suite without the slow tests
 	$(PY) -m pytest -m "not slow"
 
-fuzz: $(STAMP) $(MODELS)  ## the property tests with freshly drawn examples (make test draws the same ones each run)
+fuzz: $(STAMP) $(MODELS)  ## the property tests with new examples each run (make test draws the same ones); failures replay from .hypothesis/
 	$(PY) -m pytest -m hypothesis -p no:cacheprovider --hypothesis-profile=explore --hypothesis-show-statistics -q
 
 bench: $(STAMP) $(MODELS)  ## rewardlab (defaults) vs TRL's RewardTrainer (fastest of fp32/bf16), side by side on real text; appends to docs/BENCHMARKS.md
@@ -53,4 +53,4 @@ lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check rewardlab tests bench
 
 clean:  ## remove run folders and caches (not the venv)
-	rm -rf outputs .cache .pytest_cache
+	rm -rf outputs .cache .pytest_cache .hypothesis

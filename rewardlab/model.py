@@ -79,12 +79,6 @@ class RewardModel(L.LightningModule):
         # pairs are measured with the loss, or for a listwise or pointwise one Bradley–Terry (Plackett–Luce of two)
         self.pair_loss_fn = loss if getattr(loss, "unit", "pairs") == "pairs" else BradleyTerry()
         self.head_lr_mult = head_lr_mult
-        own = isinstance(loss, nn.Module) and any(p.requires_grad for p in loss.parameters())
-        if own and getattr(optimizer, "func", None) is torch.optim.Adafactor:
-            raise ConfigError(  # its step is relative to a parameter's size: log ν, starting at 0, would not move
-                f"the loss ({type(loss).__name__}) learns a parameter of its own, which optimizer=adafactor would "
-                "barely move (its steps scale with the parameter's size); use optimizer=adamw, lion or sgd"
-            )
         self.pass_positions = "position_ids" in inspect.signature(backbone.forward).parameters
         self.pooling = choose_pooling(backbone, pooling)
         if getattr(backbone, "pooler", None) is not None:

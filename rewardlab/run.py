@@ -82,6 +82,16 @@ def check_lr_scale(cfg: DictConfig) -> None:
         )
 
 
+def check_loss_optimizer(cfg: DictConfig) -> None:
+    """A loss that learns a parameter of its own (`loss.lr`: bt_ties' log ν) cannot train under Adafactor,
+    whose steps scale with a parameter's size: log ν starts at 0, so it would barely move."""
+    if "lr" in cfg.get("loss", {}) and cfg.get("optimizer", {}).get("_target_") == "torch.optim.Adafactor":
+        raise ConfigError(
+            "loss.lr: this loss learns a parameter of its own, which optimizer=adafactor would barely move (its "
+            "steps scale with the parameter's size); use optimizer=adamw, lion or sgd"
+        )
+
+
 def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
     """The data and the model, from `cfg.backbone`, `cfg.data`, `cfg.model` and its groups; every
     setting is checked against what its target accepts before anything is built."""
@@ -91,6 +101,7 @@ def build(cfg: DictConfig) -> tuple[PreferenceDataModule, RewardModel]:
         check_types(cfg.get(group), group, allow_auto=("trainer.precision",))
     check_ranges(cfg)
     check_lr_scale(cfg)
+    check_loss_optimizer(cfg)
     kernels = limit_kernel_cache(cfg.cpu_kernel_cache)  # before the first bf16 kernel is built
     backbone = instantiate(cfg.backbone)
     check_max_length(cfg.data.max_length, backbone.model.config)

@@ -258,7 +258,10 @@ def open_heads(folder: Path, info: dict[str, Any], model: PreTrainedModel) -> tu
         what = "the mean of its heads" if head["kind"] == "ensemble" else "the combination of its attributes"
         raise UntrustedExport(f"{path}: {what} is not the model's reward head; not from this export")
     if recorded is None:
-        raise UntrustedExport(f"{path}: records no {HEAD_ENTRY} entry (an export of an older rewardlab: export again)")
+        raise UntrustedExport(
+            f"{path}: records no {HEAD_ENTRY} entry (an export of an older rewardlab): export its checkpoint again, "
+            "`python -m rewardlab.export ckpt_path=... output_dir=...`"
+        )
     try:
         same = json.loads(recorded) == head  # the export wrote both from one dict: a difference is an edit
     except (ValueError, RecursionError):

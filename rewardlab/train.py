@@ -110,6 +110,12 @@ def resume_changes(cfg: DictConfig, ckpt_path: str) -> list[str]:
     keys = ("epoch", "batches_trained", "batches_per_epoch")
     if position and not (isinstance(position, dict) and all(isinstance(position.get(k), int) for k in keys)):
         raise UntrustedCheckpoint(f"{ckpt_path}: its data position is not {{{', '.join(keys)}}} as integers")
+    groups = [g.get("name") for state in checkpoint.get("optimizer_states", []) for g in state.get("param_groups", [])]
+    if groups and "lr" in cfg.get("loss", {}) and "loss" not in groups:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path}: its optimizer has no group for the loss's own parameter (a loss=bt_ties run "
+            "from before log ν trained at loss.lr), so it cannot resume: evaluate or export it, or start a new run"
+        )
     current = redact(OmegaConf.to_container(cfg, resolve=True))
     keep = set(COMPARED_ON_RESUME) | {f"trainer.{k}" for k in TRAINER_ON_RESUME}
 

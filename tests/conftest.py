@@ -27,9 +27,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 # `make test` (and CI) draws the same property-test examples every run, so a red run is the code's doing and
 # reproduces; `make fuzz` draws new ones each time, to look for what the fixed draw misses.
-settings.register_profile("ci", derandomize=True, database=None)
-settings.register_profile("explore", derandomize=False)
-settings.load_profile("ci")
+settings.register_profile("repeatable", parent=settings.get_profile("ci"))  # derandomized, no database, no deadline
+settings.register_profile("explore", parent=settings.get_profile("default"), deadline=None)
+settings.load_profile("repeatable")
 
 FAST = [
     "trainer.max_epochs=1",

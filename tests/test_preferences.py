@@ -19,7 +19,6 @@ from rewardlab.backbones import tiny
 from rewardlab.checks import ConfigError
 from rewardlab.data.batching import pad_sequences
 from rewardlab.data.rows import DataError
-from rewardlab.errors import UserError
 from rewardlab.eval import evaluate
 from rewardlab.export import export
 from rewardlab.heads import AttributesHead, EnsembleHead, OdinHead
@@ -317,14 +316,21 @@ def test_a_bt_ties_checkpoint_from_before_the_loss_group_loads_and_refuses_to_re
     state = old["optimizer_states"][0]
     *groups, loss = state["param_groups"]
     groups[1]["params"] = sorted(groups[1]["params"] + loss["params"])
-    state["param_groups"] = [{k: v for k, v in g.items() if k != "name"} for g in groups]
+    state["param_groups"] = groups
     path = tmp_path / "old.ckpt"
     torch.save(old, path)
     with caplog.at_level("WARNING"):
         loaded, model, _ = load_run(str(path))
     assert loaded.loss.lr == 0.01 and "loss.lr=0.01 taken from today's defaults" in caplog.text
-    resume = make_cfg("loss=bt_ties", "data.ties=keep", *TIES, "trainer.max_steps=4", "trainer.max_epochs=4",
-                      "test=false", f"ckpt_path={path}", "resume.allow_changes=true", folder="resumed")  # fmt: skip
-    says = "groups unnamed, unnamed, unnamed; this run trains backbone, backbone_no_decay, head, loss, so its"
-    with pytest.raises(UserError, match=says):
-        train(resume)
+    old["rewardlab_config"]["optimizer"] = {  # trained under Adafactor: eval and export still load it
+        "_target_": "torch.optim.Adafactor", "_partial_": True, "_convert_": "all", "lr": 1e-2, "beta2_decay": -0.8,
+        "eps": [None, 1e-3], "d": 1.0, "weight_decay": 0.0,
+    }  # fmt: skip
+    torch.save(old, tmp_path / "adafactor.ckpt")
+    assert load_run(str(tmp_path / "adafactor.ckpt"))[0].optimizer._target_ == "torch.optim.Adafactor"
+    for allow in ("false", "true"):
+        steps = ["trainer.max_steps=4", "trainer.max_epochs=4", "test=false"]
+        resume = make_cfg("loss=bt_ties", "data.ties=keep", *TIES, *steps, f"ckpt_path={path}",
+                          f"resume.allow_changes={allow}", folder=f"r{allow}")  # fmt: skip
+        with pytest.raises(ConfigError, match="its optimizer has no group for the loss's own parameter"):
+            train(resume)

@@ -205,7 +205,8 @@ class ListDataset(Dataset):
             log.info("data %s: %d prompts left out, with fewer than %d responses", split, short, self.min_size)
         if batch_size and (big := int((self.sizes > 2 * batch_size).sum())):
             log.warning("data %s: %d prompts hold more than 2 × data.batch_size = %d responses (up to %d); each runs "
-                        "as one batch of all its responses", split, big, 2 * batch_size, self.sizes.max())  # fmt: skip
+                        "as one batch of all its responses (if memory runs short: lower data.max_length, or filter "
+                        "such prompts)", split, big, 2 * batch_size, self.sizes.max())  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.index)
