@@ -197,8 +197,8 @@ def restore_run_state(checkpoint: dict[str, Any], fitting: bool, group_names: li
         if fitting and saved != group_names:
             raise UserError(
                 f"the checkpoint's optimizer holds the parameter groups {', '.join(saved)}; this run trains "
-                f"{', '.join(group_names)}, so its optimizer state cannot continue (a loss=bt_ties checkpoint from "
-                "before log ν had its own group, or a change to what trains): evaluate or export it, or start a new run"
+                f"{', '.join(group_names)}, so its optimizer state cannot continue (a change to what trains): evaluate "
+                "or export it, or start a new run"
             )
     loop = checkpoint.get("loops", {}).get("fit_loop", {})
     epochs, batches = loop.get("epoch_progress", {}).get("current"), loop.get("epoch_loop.batch_progress")

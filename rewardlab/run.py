@@ -82,10 +82,16 @@ def check_lr_scale(cfg: DictConfig) -> None:
         )
 
 
+def loss_learns(cfg: DictConfig) -> bool:
+    """Whether the configured loss learns parameters of its own (bt_ties' log ν): such a loss names their
+    rate, `loss.lr`, and its parameters train in the optimizer group `loss`."""
+    return "lr" in cfg.get("loss", {})
+
+
 def check_loss_optimizer(cfg: DictConfig) -> None:
-    """A loss that learns a parameter of its own (`loss.lr`: bt_ties' log ν) cannot train under Adafactor,
-    whose steps scale with a parameter's size: log ν starts at 0, so it would barely move."""
-    if "lr" in cfg.get("loss", {}) and cfg.get("optimizer", {}).get("_target_") == "torch.optim.Adafactor":
+    """A loss that learns a parameter of its own cannot train under Adafactor, whose steps scale with a
+    parameter's size: log ν starts at 0, so it would barely move."""
+    if loss_learns(cfg) and cfg.get("optimizer", {}).get("_target_") == "torch.optim.Adafactor":
         raise ConfigError(
             "loss.lr: this loss learns a parameter of its own, which optimizer=adafactor would barely move (its "
             "steps scale with the parameter's size); use optimizer=adamw, lion or sgd"

@@ -36,7 +36,7 @@ from rewardlab.errors import UserError, one_line_errors
 from rewardlab.model import RewardModel
 from rewardlab.progress import duration
 from rewardlab.redaction import redact
-from rewardlab.run import build, build_trainer, finish_loggers, predict_ratings
+from rewardlab.run import build, build_trainer, finish_loggers, loss_learns, predict_ratings
 from rewardlab.runfolder import claimed
 
 log = logging.getLogger(__name__)
@@ -111,10 +111,12 @@ def resume_changes(cfg: DictConfig, ckpt_path: str) -> list[str]:
     if position and not (isinstance(position, dict) and all(isinstance(position.get(k), int) for k in keys)):
         raise UntrustedCheckpoint(f"{ckpt_path}: its data position is not {{{', '.join(keys)}}} as integers")
     groups = [g.get("name") for state in checkpoint.get("optimizer_states", []) for g in state.get("param_groups", [])]
-    if groups and "lr" in cfg.get("loss", {}) and "loss" not in groups:
+    if groups and ("loss" in groups) != loss_learns(cfg):
+        has, learns = ("has a", "no") if "loss" in groups else ("has no", "a")
         raise ConfigError(
-            f"ckpt_path={ckpt_path}: its optimizer has no group for the loss's own parameter (a loss=bt_ties run "
-            "from before log ν trained at loss.lr), so it cannot resume: evaluate or export it, or start a new run"
+            f"ckpt_path={ckpt_path}: its optimizer {has} group for the loss's own parameter, and this run's loss "
+            f"learns {learns} parameter (loss=bt_ties does; a bt_ties run from before log ν trained at loss.lr has "
+            "no such group), so it cannot resume: evaluate or export it, or start a new run"
         )
     current = redact(OmegaConf.to_container(cfg, resolve=True))
     keep = set(COMPARED_ON_RESUME) | {f"trainer.{k}" for k in TRAINER_ON_RESUME}

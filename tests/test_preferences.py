@@ -332,5 +332,15 @@ def test_a_bt_ties_checkpoint_from_before_the_loss_group_loads_and_refuses_to_re
         steps = ["trainer.max_steps=4", "trainer.max_epochs=4", "test=false"]
         resume = make_cfg("loss=bt_ties", "data.ties=keep", *TIES, *steps, f"ckpt_path={path}",
                           f"resume.allow_changes={allow}", folder=f"r{allow}")  # fmt: skip
-        with pytest.raises(ConfigError, match="its optimizer has no group for the loss's own parameter"):
+        with pytest.raises(ConfigError, match="its optimizer has no group for the loss's own parameter, and this"):
+            train(resume)
+    new = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"  # and a loss change across the group, both ways
+    plain = make_cfg("trainer.max_steps=2", "trainer.max_epochs=2", "test=false", *TIES[:2], folder="plain")
+    train(plain)
+    for ckpt, loss, says in [(new, "loss=bradley_terry", "has a group .* learns no parameter"),
+                             (Path(plain.paths.output_dir) / "checkpoints" / "last.ckpt", "loss=bt_ties",
+                              "has no group .* learns a parameter")]:  # fmt: skip
+        resume = make_cfg(loss, "data.ties=keep", *TIES, "trainer.max_steps=4", "trainer.max_epochs=4", "test=false",
+                          f"ckpt_path={ckpt}", "resume.allow_changes=true", folder=f"r-{loss}")  # fmt: skip
+        with pytest.raises(ConfigError, match=says):
             train(resume)

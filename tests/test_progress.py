@@ -12,6 +12,7 @@ import pytest
 from lightning.pytorch.callbacks import RichProgressBar
 
 from rewardlab import backbones
+from rewardlab.checkpoints import restore_run_state
 from rewardlab.errors import UserError
 from rewardlab.progress import PlainProgress, duration, progress_bar
 
@@ -161,3 +162,7 @@ def test_optimizer_states_saved_before_groups_had_names_get_them():
         "backbone_no_decay",
         "head",
     ]
+    other = {"optimizer_states": [{"param_groups": [{"name": "head"}], "state": {}}]}  # trained with another freezing
+    with pytest.raises(UserError, match="holds the parameter groups head; this run trains backbone, backbone_no_dec"):
+        restore_run_state(other, True, ["backbone", "backbone_no_decay", "head"])
+    restore_run_state(other, False, ["backbone", "backbone_no_decay", "head"])  # eval and export read no optimizer

@@ -170,6 +170,11 @@ def bad_row_line(split: str, how: str, b: BadRow) -> str:
     return json.dumps(record, default=str, ensure_ascii=False) + "\n"
 
 
+def skipped_tie(where: str, row: Any) -> BadRow:
+    """A tie pair `data.ties=skip` drops, as `bad_rows.jsonl` lists it (pairs and list caches alike)."""
+    return BadRow(where, None, "tie", "a tie (data.ties=skip)", row)
+
+
 def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Settings, out: Path) -> None:
     """Read, check, tokenize and truncate one split into `out`, streaming in chunks so memory does
     not grow with the dataset. Written to a temporary folder and renamed, so concurrent jobs of a
@@ -201,7 +206,7 @@ def build_cache(spec: str, split: str, tokenizer: PreTrainedTokenizerBase, s: Se
                             )
                         reject(result, "skipped")
                     elif result.tie and s.ties == "skip":
-                        reject(BadRow(where, None, "tie", "a tie (data.ties=skip)", row), "dropped")
+                        reject(skipped_tie(where, row), "dropped")
                     else:
                         good.append((row_index, where, row, result))
                 if not good:

@@ -26,6 +26,7 @@ from rewardlab.data.cache import (
     folder_aside,
     make_formatter,
     read_split_groups,
+    skipped_tie,
     split_kind,
 )
 from rewardlab.data.formatting import truncate
@@ -48,7 +49,7 @@ def _pair_groups(parts: list, split: str, s: Settings, counts: Counter, bad_rows
             items.append((index, pair))
         elif pair.tie and s.ties == "skip":
             counts["dropped:tie"] += 1
-            bad_rows.append(bad_row_line(split, "dropped", BadRow(where, None, "tie", "a tie (data.ties=skip)", row)))
+            bad_rows.append(bad_row_line(split, "dropped", skipped_tie(where, row)))
         else:
             scores = [0.0, 0.0] if pair.tie else [1.0, 0.0]
             group = Group(
@@ -61,16 +62,17 @@ def _pair_groups(parts: list, split: str, s: Settings, counts: Counter, bad_rows
 def _without_copies(group: Group, candidates: list, n_attributes: int, max_length: int) -> tuple[list, list[BadRow]]:
     """A group's truncated responses less those whose tokens another's equal: one input with two labels
     (scores, or ratings when fitted) loses every copy; with one label, the first copy stays."""
+    tokens = [tuple(ids) for _, ids, *_ in candidates]
     copies = defaultdict(list)
-    for k, ids, *_ in candidates:
-        copies[tuple(ids)].append(k)
+    for (k, *_), key in zip(candidates, tokens):
+        copies[key].append(k)
 
     def label(k: int) -> tuple:
         return (group.scores[k], *(group.attributes[k] if n_attributes else ()))
 
     kept, dropped = [], []
-    for candidate in candidates:
-        k, same = candidate[0], copies[tuple(candidate[1])]
+    for candidate, key in zip(candidates, tokens):
+        k, same = candidate[0], copies[key]
         agree = len({label(j) for j in same}) == 1
         if len(same) == 1 or (agree and k == same[0]):
             kept.append(candidate)
