@@ -1,14 +1,12 @@
-"""Run bookkeeping that is not the model's business: checkpoint writing and the room for it,
-preemption, final validation, training throughput and memory."""
+"""Run bookkeeping that is not the model's business: checkpoint writing, preemption, final validation,
+training throughput and memory."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,32 +17,9 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from rewardlab.errors import UserError
+from rewardlab.disk import save_failed
 
 log = logging.getLogger(__name__)
-
-FULL_BELOW = 16 * 2**20  # a write that failed with less than this free on its disk failed for want of room
-
-
-class DiskSpaceError(UserError):
-    """The checkpoint folder's disk cannot hold the run's checkpoints."""
-
-
-def size_text(n: float) -> str:
-    """Bytes as 512 B, 3.4 MB, 1.62 GB (powers of 1000, as `df -H` and file managers count)."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
-
-def free_bytes(folder: Path) -> int:
-    """Free bytes on the disk that holds `folder` (or, before it exists, its nearest existing parent)."""
-    folder = folder.absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -63,96 +38,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except (OSError, RuntimeError) as e:  # torch reports a short write as "unexpected pos", without errno
-            free = free_bytes(path.parent)
-            if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and free >= FULL_BELOW:
+            error = save_failed(e, path, tmp.stat().st_size if tmp.exists() else 0)
+            if error is None:
                 raise
-            written = tmp.stat().st_size if tmp.exists() else 0
-            raise DiskSpaceError(
-                f"could not write checkpoint {path}: out of disk space or quota ({size_text(free)} free on its "
-                f"disk after {size_text(written)} of it was written); the previous {path.name}, if any, is intact. "
-                "Free space, or write the run to another disk (hydra.run.dir / hydra.sweep.dir)"
-            ) from e
+            raise error from e
         finally:
             tmp.unlink(missing_ok=True)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-save
             stale.unlink(missing_ok=True)
-
-
-def state_bytes(state: Any, seen: dict[int, int] | None = None) -> int:
-    """Bytes of the tensors in a nested state, each storage once (as `torch.save` writes it)."""
-    seen = {} if seen is None else seen
-    if isinstance(state, torch.Tensor):
-        storage = state.untyped_storage()
-        seen.setdefault(storage.data_ptr() or id(storage), storage.nbytes())
-    elif isinstance(state, dict):
-        for value in state.values():
-            state_bytes(value, seen)
-    elif isinstance(state, (list, tuple)):
-        for value in state:
-            state_bytes(value, seen)
-    return sum(seen.values())
-
-
-def checkpoint_bytes(module: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> int:
-    """About the size of one checkpoint: the weights and the optimizers' state (which exists from their
-    first step), the rest being small."""
-    seen: dict[int, int] = {}
-    state_bytes(module.state_dict(), seen)
-    for optimizer in optimizers:
-        state_bytes(optimizer.state_dict()["state"], seen)
-    return sum(seen.values())
-
-
-def kept_checkpoints(trainer: L.Trainer) -> int:
-    """Checkpoint files the run keeps at once: each callback's `save_top_k` (all of them, -1, counted as
-    one) and one `last.ckpt`."""
-    callbacks = trainer.checkpoint_callbacks
-    top = sum(1 if c.save_top_k < 0 else c.save_top_k for c in callbacks if hasattr(c, "save_top_k"))
-    return top + any(getattr(c, "save_last", False) for c in callbacks)
-
-
-class DiskSpace(Callback):
-    """Room for the checkpoints, checked after the first optimizer step (the first point where the size
-    of a checkpoint is known, and before any is written): a disk that cannot hold one checkpoint stops
-    the run there, with the sizes; one that cannot hold what the run keeps at once, plus the file being
-    written beside them, is warned of. A run that fills its disk later fails at that save with
-    `DiskSpaceError` and keeps its previous checkpoint."""
-
-    def __init__(self, dirpath: str) -> None:
-        self.dirpath = Path(dirpath)
-        self.checked = False
-
-    def check(self, size: int, kept: int) -> str | None:
-        """The error, if the disk cannot hold one checkpoint of `size` bytes; warns if it cannot hold
-        `kept` of them and one more."""
-        free, peak = free_bytes(self.dirpath), size * (kept + 1)
-        sizes = f"one checkpoint of this run is {size_text(size)}, and its disk has {size_text(free)} free"
-        fixes = (
-            "free space, write the run to another disk (hydra.run.dir / hydra.sweep.dir), or keep fewer "
-            "checkpoints (callbacks.model_checkpoint.save_top_k, callbacks.last_checkpoint=null)"
-        )
-        if free < size:
-            return f"checkpoints: {self.dirpath}: {sizes}; {fixes}"
-        if free < peak:
-            log.warning(
-                "checkpoints: %s: %s; the run keeps %d at once and writes the next beside them (%s): "
-                "it may run out of room; %s",
-                self.dirpath, sizes, kept, size_text(peak), fixes,
-            )  # fmt: skip
-        return None
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict[str, Any], batch_idx: int
-    ) -> None:
-        if self.checked or trainer.global_step < 1 or not trainer.checkpoint_callbacks:
-            return
-        self.checked = True
-        problem = None
-        if trainer.is_global_zero:  # the rank that writes checkpoints
-            problem = self.check(checkpoint_bytes(pl_module, trainer.optimizers), kept_checkpoints(trainer))
-        problem = trainer.strategy.broadcast(problem, src=0)  # every rank stops, or none
-        if problem:
-            raise DiskSpaceError(problem)
 
 
 class CheckpointOnPreemption(Callback):

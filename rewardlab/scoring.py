@@ -11,11 +11,13 @@ Lightning here.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import logging
 import math
 import reprlib
+import shutil
 import sys
 import tempfile
 import types
@@ -122,8 +124,10 @@ def modeling_source(family: str) -> str:
 def modeling_module(family: str) -> types.ModuleType:
     """rewardlab's modeling classes for `family`, built from rewardlab's own template (written to a
     private temporary file: transformers copies the source file of `sys.modules[cls.__module__]` when
-    saving, so the module is registered anew for each family)."""
-    path = Path(tempfile.mkdtemp(prefix="rewardlab-modeling-")) / MODELING_FILE
+    saving, so the module is registered anew for each family; the file goes when the process ends)."""
+    folder = tempfile.mkdtemp(prefix="rewardlab-modeling-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = Path(folder) / MODELING_FILE
     path.write_text(modeling_source(family))
     spec = importlib.util.spec_from_file_location("modeling_rewardlab", path)
     module = importlib.util.module_from_spec(spec)

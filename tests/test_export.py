@@ -270,3 +270,16 @@ def test_overwrite_refuses_files_the_earlier_export_did_not_write(trained, tmp_p
     with pytest.raises(FileExistsError, match=r"did not write \(README.md\)"):
         export_to(trained["llama"], out, cache_dir, "overwrite=true")
     assert (out / "README.md").read_text() == "my notes on this model"
+
+
+def test_the_modeling_file_goes_with_the_process(tmp_path):
+    """Each process that exports or opens an export writes rewardlab's modeling file to a private folder;
+    none is left behind in the temporary directory."""
+    import subprocess
+    import sys
+
+    code = "from rewardlab.scoring import modeling_module; print(modeling_module('bert').__file__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    path = Path(done.stdout.strip())
+    assert path.name == "modeling_rewardlab.py" and path.parent.name.startswith("rewardlab-modeling-")
+    assert not path.parent.exists()

@@ -22,7 +22,7 @@ def test_each_packaged_backbone_learns_with_its_recipe(backbone, steps, make_cfg
         "trainer.precision=32-true",
         "test=false",
         *(["backbone.attn_implementation=sdpa"] if backbone != "tiny" else []),
-        "+callbacks.model_checkpoint.save_weights_only=true",  # the best only: SmolLM2 0.5 GB, not 3 x 1.6
+        "callbacks.model_checkpoint.save_weights_only=true",  # the best only: SmolLM2 0.5 GB, not 3 x 1.6
         "callbacks.model_checkpoint.save_last=false",
         "~callbacks.last_checkpoint",
         *(
