@@ -21,12 +21,13 @@ from rewardlab.errors import UserError
 log = logging.getLogger(__name__)
 
 FULL_BELOW = 16 * 2**20  # a write that failed with less than this free on its disk failed for want of room
-ANOTHER_DISK = "write the run to another disk (hydra.run.dir / hydra.sweep.dir)"
-WEIGHTS_ONLY = "save weights only (callbacks.model_checkpoint.save_weights_only=true; such checkpoints cannot resume)"
-KEEP_FEWER = (
-    "keep fewer (callbacks.model_checkpoint.save_top_k, or no last.ckpt: "
-    "callbacks.model_checkpoint.save_last=false callbacks.last_checkpoint=null)"
+ROOM = "free space, or write the run to another disk (hydra.run.dir / hydra.sweep.dir)"
+WEIGHTS_ONLY = (
+    "save weights only (callbacks.model_checkpoint.save_weights_only=true callbacks.last_checkpoint=null; "
+    "such checkpoints cannot resume)"
 )
+FEWER_TOP = "keep fewer best (callbacks.model_checkpoint.save_top_k=1)"
+NO_LAST = "keep no last.ckpt (callbacks.model_checkpoint.save_last=false callbacks.last_checkpoint=null)"
 
 
 class DiskSpaceError(UserError):
@@ -71,15 +72,16 @@ def out_of_room(error: BaseException) -> bool:
 
 def save_failed(error: BaseException, path: Path, written: int) -> DiskSpaceError | None:
     """The one-line error for a checkpoint save that ran out of space or quota; None for other failures
-    (a disk with room left that refused for another reason keeps its own error)."""
+    on a disk with room left (they keep their own error)."""
     free = free_bytes(path.parent)
-    if not out_of_room(error) and free >= FULL_BELOW:
+    room = f"{size_text(free)} free on its disk after {size_text(written)} of it was written"
+    if out_of_room(error):
+        why = f"out of disk space or quota ({room}; {type(error).__name__}: {error})"
+    elif free < FULL_BELOW:
+        why = f"{type(error).__name__}: {error} ({room}: likely out of disk space or quota)"
+    else:
         return None
-    return DiskSpaceError(
-        f"could not write checkpoint {path}: out of disk space or quota ({size_text(free)} free on its disk after "
-        f"{size_text(written)} of it was written; {type(error).__name__}: {error}); earlier checkpoints are intact. "
-        f"Free space, {ANOTHER_DISK}, or {WEIGHTS_ONLY}"
-    )
+    return DiskSpaceError(f"could not write checkpoint {path}: {why}; earlier checkpoints are intact; {ROOM}")
 
 
 def state_bytes(state: Any) -> int:
@@ -107,63 +109,76 @@ def checkpoint_bytes(module: torch.nn.Module, optimizers: list[torch.optim.Optim
 
 @dataclass
 class Folder:
-    """The checkpoints one folder holds at once: `kept` files of up to `size` bytes each, or every one
-    saved (`unbounded`), and `present` bytes of checkpoints already there (from a run resumed in it)."""
+    """The checkpoints one folder holds at once: `kept` files of up to `size` bytes each (at least one
+    more with `unbounded`, save_top_k=-1, which keeps every one), and `present` bytes of checkpoints a
+    resumed run finds there and replaces. What the callbacks are set to (`full`: some write the optimizer
+    state; `top`: the most best ones kept; `last`: a last.ckpt) decides which fixes are offered."""
 
     path: Path
     size: int = 0
     kept: int = 0
     unbounded: bool = False
     present: int = 0
+    full: bool = False
+    top: int = 0
+    last: bool = False
 
 
 def planned(callbacks: list[ModelCheckpoint], weights: int, full: int) -> list[Folder]:
-    """Each checkpoint folder and what its callbacks keep there: `save_top_k` files (all of them for
-    -1) and one last.ckpt per folder, unless `save_last="link"` points it at a top-k file."""
+    """Each checkpoint folder and what its callbacks keep there: `save_top_k` files (every one for -1)
+    and one last.ckpt per folder, unless `save_last="link"` points it at a top-k file."""
     folders: dict[Path, Folder] = {}
-    lasts: set[Path] = set()
     for callback in callbacks:
         path = Path(callback.dirpath).absolute()
         folder = folders.setdefault(path, Folder(path))
-        size = weights if callback.save_weights_only else full
         top = callback.save_top_k
+        if top == 0 and not callback.save_last:
+            continue
+        folder.size = max(folder.size, weights if callback.save_weights_only else full)
+        folder.full |= not callback.save_weights_only
         folder.unbounded |= top < 0
-        folder.kept += max(top, 0)
-        if callback.save_last and not (callback.save_last == "link" and top != 0) and path not in lasts:
-            lasts.add(path)
+        folder.top = max(folder.top, top)
+        folder.kept += 1 if top < 0 else top
+        if callback.save_last and not (callback.save_last == "link" and top != 0) and not folder.last:
+            folder.last = True
             folder.kept += 1
-        if top != 0 or callback.save_last:
-            folder.size = max(folder.size, size)
     for folder in folders.values():
-        if folder.path.is_dir():
-            folder.present = sum(f.stat().st_size for f in folder.path.glob("*.ckpt") if f.is_file())
+        if folder.path.is_dir() and not folder.unbounded:  # save_top_k=-1 replaces none of them
+            replaced = [f for f in folder.path.glob("*.ckpt") if f.name != "best.ckpt" and not f.is_symlink()]
+            folder.present = sum(f.stat().st_size for f in replaced if f.is_file())
     return [f for f in folders.values() if f.size]
+
+
+def fixes(group: list[Folder], refused: bool) -> str:
+    """What would let the run fit, leaving out what its settings already do; keeping fewer checkpoints
+    cannot help a disk that cannot hold one."""
+    fewer = [FEWER_TOP] * any(f.unbounded or f.top > 1 for f in group) + [NO_LAST] * any(f.last for f in group)
+    return "; or ".join([ROOM] + [WEIGHTS_ONLY] * any(f.full for f in group) + fewer * (not refused))
 
 
 def check(folders: list[Folder]) -> str | None:
     """The error if a disk cannot hold one checkpoint of its folders; warns if it cannot hold what they
-    keep at once plus the file written beside them (less the checkpoints already there, which the run
-    replaces)."""
+    keep at once plus the file written beside them, less the checkpoints already there that the run
+    replaces."""
     disks: dict[int, list[Folder]] = {}
     for folder in folders:
         disks.setdefault(os.stat(existing(folder.path)).st_dev, []).append(folder)
     for group in disks.values():
         names = ", ".join(str(f.path) for f in group)
-        free, size = free_bytes(group[0].path), max(f.size for f in group)
-        sizes = f"one checkpoint of this run is {size_text(size)}, and its disk has {size_text(free)} free"
-        if free < size:
-            return f"checkpoints: {names}: {sizes}; free space, {ANOTHER_DISK}, or {WEIGHTS_ONLY}"
-        kept = sum(f.kept for f in group)
-        peak = sum(f.kept * f.size for f in group) + size
-        needed = peak - min(sum(f.present for f in group), peak - size)
-        keeps = f"keeps {kept} at once" + (
-            " and every top-k checkpoint (save_top_k=-1)" * any(f.unbounded for f in group)
-        )
-        if free < needed:
+        free, largest = free_bytes(group[0].path), max(group, key=lambda f: f.size)
+        sizes = f"one checkpoint of this run is {size_text(largest.size)}, and its disk has {size_text(free)} free"
+        if free < largest.size:
+            return f"checkpoints: {names}: {sizes}; {fixes(group, refused=True)}"
+        peak = sum(f.kept * f.size for f in group) + largest.size
+        present = min(sum(f.present for f in group), peak - largest.size)
+        if free < peak - present:
+            kept = sum(f.kept for f in group)
+            every = " (and every best one: save_top_k=-1)" if any(f.unbounded for f in group) else ""
+            there = f", less {size_text(present)} of them already there" if present else ""
             log.warning(
-                "checkpoints: %s: %s; the run %s and writes the next beside them (%s, %s of it there already): "
-                "it may run out of room; %s, %s, free space, or %s",
-                names, sizes, keeps, size_text(peak), size_text(peak - needed), KEEP_FEWER, WEIGHTS_ONLY, ANOTHER_DISK,
+                "checkpoints: %s: %s; the run keeps %d checkpoints at once%s and writes the next beside them: "
+                "%s%s; it may run out of room. To fit: %s",
+                names, sizes, kept, every, size_text(peak), there, fixes(group, refused=False),
             )  # fmt: skip
     return None
 

@@ -55,7 +55,8 @@ def test_a_folder_keeps_its_top_k_and_one_last(tmp_path):
     assert kept(saver(save_top_k=1, save_weights_only=True), packaged[1]) == [("a", 30, 2, False)]
     assert kept(saver(save_top_k=3, save_last="link")) == [("a", 30, 3, False)]
     assert kept(saver(save_top_k=0, save_last="link")) == [("a", 30, 1, False)]
-    assert kept(saver(save_top_k=-1, save_last=True)) == [("a", 30, 1, True)]
+    assert kept(saver(save_top_k=-1, save_last=True)) == [("a", 30, 2, True)]  # at least one best, and last
+    assert kept(saver(save_top_k=-1)) == [("a", 30, 1, True)]
     assert kept(saver(save_top_k=0, save_last=False)) == []
     assert kept(saver(save_top_k=1), saver("b", save_top_k=2, save_weights_only=True)) == [
         ("a", 30, 1, False),
@@ -79,17 +80,44 @@ def test_room_for_one_checkpoint_or_all_it_keeps(monkeypatch, caplog, tmp_path, 
     assert ("may run out of room" in caplog.text) == warned
     if refused:
         assert f"checkpoints: {folder}: one checkpoint of this run is 100 B, and its disk has 99 B free" in problem
-        assert "save_weights_only=true" in problem
     if warned:
-        assert "keeps 2 at once" in caplog.text and "callbacks.model_checkpoint.save_last=false" in caplog.text
+        assert "the run keeps 2 checkpoints at once and writes the next beside them: 300 B" in caplog.text
+        assert ("less 150 B of them already there" in caplog.text) == (present == 150)
 
 
-def test_a_resumed_run_counts_the_checkpoints_in_its_folder(tmp_path):
+def test_a_resumed_run_counts_the_checkpoints_in_its_folder_that_it_replaces(tmp_path):
+    """Not the best.ckpt link (nor its copy where links are not allowed), not other files, and none where
+    save_top_k=-1 keeps every checkpoint."""
     (folder := tmp_path / "checkpoints").mkdir()
     (folder / "last.ckpt").write_bytes(b"x" * 150)
+    (folder / "best-step4.ckpt").write_bytes(b"x" * 100)
+    (folder / "best.ckpt").symlink_to("best-step4.ckpt")
     (folder / "notes.txt").write_bytes(b"x" * 1000)
-    [planned_folder] = planned([ModelCheckpoint(dirpath=folder)], weights=10, full=30)
-    assert planned_folder.present == 150
+    [resumed] = planned([ModelCheckpoint(dirpath=folder, save_last=True)], weights=10, full=30)
+    assert resumed.present == 250
+    [keeps_all] = planned([ModelCheckpoint(dirpath=folder, save_top_k=-1)], weights=10, full=30)
+    assert keeps_all.present == 0
+
+
+def test_the_fixes_offered_are_those_the_settings_do_not_already_apply(monkeypatch, caplog, tmp_path):
+    def offered(free: int, **settings) -> str:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="rewardlab.disk"):
+            problem = check([Folder(tmp_path, size=100, kept=2, **settings)])
+        return problem or caplog.text
+
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda path: Usage(10**15, 0, free))
+    free = 50
+    assert "save_weights_only=true callbacks.last_checkpoint=null" in offered(free, full=True)
+    refused = offered(free, full=False, last=True, top=3)
+    assert "free space, or write the run to another disk" in refused
+    assert "save_weights_only" not in refused and "save_top_k" not in refused and "save_last" not in refused
+    free = 250
+    warned = offered(free, full=True, last=True, top=3)
+    assert "save_weights_only" in warned and "save_top_k=1" in warned and "save_last=false" in warned
+    warned = offered(free, full=False, top=1)
+    assert "save_weights_only" not in warned and "save_top_k" not in warned and "save_last" not in warned
+    assert "(and every best one" not in warned and "(and every best one" in offered(free, top=-1, unbounded=True)
 
 
 def run_folder(cfg) -> Path:
@@ -177,9 +205,9 @@ def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoin
     with pytest.raises(DiskSpaceError) as error:
         AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
     message = str(error.value)
-    assert message.startswith(f"could not write checkpoint {path}: out of disk space or quota (4.1 kB free on")
-    assert "after 5 kB of it was written; RuntimeError: [enforce fail" in message
-    assert "earlier checkpoints are intact" in message
+    assert message.startswith(f"could not write checkpoint {path}: RuntimeError: [enforce fail")
+    assert "(4.1 kB free on its disk after 5 kB of it was written: likely out of disk space or quota)" in message
+    assert "earlier checkpoints are intact; free space, or write the run to another disk" in message
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
     assert not list(tmp_path.glob(".last.ckpt.*.tmp"))
@@ -213,7 +241,7 @@ def test_no_space_or_quota_says_so_whatever_the_free_count(tmp_path, monkeypatch
 
     monkeypatch.setattr(callbacks.torch, "save", no_space)
     disk_with(monkeypatch, 10**9)
-    with pytest.raises(DiskSpaceError, match="out of disk space or quota .1 GB free"):
+    with pytest.raises(DiskSpaceError, match=r"out of disk space or quota \(1 GB free .*; (RuntimeError|OSError): "):
         AtomicCheckpointIO().save_checkpoint({"step": 2}, tmp_path / "last.ckpt")
 
 
@@ -223,5 +251,5 @@ def test_another_error_on_a_full_disk_is_named_beside_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(callbacks.torch, "save", denied)
     disk_with(monkeypatch, 0)
-    with pytest.raises(DiskSpaceError, match=r"0 B free .* written; PermissionError: \[Errno 13\] Permission denied"):
+    with pytest.raises(DiskSpaceError, match=r"PermissionError: \[Errno 13\] Permission denied \(0 B free .*: likely"):
         AtomicCheckpointIO().save_checkpoint({"step": 2}, tmp_path / "last.ckpt")
