@@ -67,6 +67,9 @@ def needs(group: str, option: str, local_model: Path, margin_data: Path) -> list
             "trainer.limit_train_batches=2",
             "trainer.precision=bf16-mixed",
             "backbone.attn_implementation=sdpa",
+            "callbacks.model_checkpoint.save_weights_only=true",  # one 0.5 GB checkpoint, not two of 1.6 GB
+            "callbacks.model_checkpoint.save_last=false",
+            "~callbacks.last_checkpoint",
         ]
     if (group, option) == ("experiment", "backbone_compare"):
         return ["trainer.val_check_interval=1.0"]
