@@ -202,7 +202,10 @@ class DiskSpace(Callback):
         self.checked = True
         strategy = trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-            log.info("checkpoints: disk space not checked under %s (sharded)", type(strategy).__name__)
+            log.info(
+                "checkpoints: disk space not checked under %s (only single-device and DDP runs are)",
+                type(strategy).__name__,
+            )
             return
         callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
         problem = None
