@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -177,7 +178,11 @@ def test_the_report_logs_to_an_offline_wandb_run(tmp_path, monkeypatch):
     sweep = sweep_of(tmp_path / "s", [(["freeze=full"], right(80)), (["freeze=lora"], right(70))])
     report(sweep, logger="wandb")
     runs = list(sweep.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(runs) == 1 and runs[0].stat().st_size > 1000
+    assert len(runs) == 1
+    deadline = time.monotonic() + 60  # wandb-core's writer may close the file just after `finish` returns
+    while runs[0].stat().st_size <= 1000 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert runs[0].stat().st_size > 1000
     assert os.environ["WANDB_MODE"] == "offline"
 
 
