@@ -129,11 +129,11 @@ def planned(callbacks: list[ModelCheckpoint], weights: int, full: int) -> list[F
     and one last.ckpt per folder, unless `save_last="link"` points it at a top-k file."""
     folders: dict[Path, Folder] = {}
     for callback in callbacks:
-        path = Path(callback.dirpath).absolute()
-        folder = folders.setdefault(path, Folder(path))
         top = callback.save_top_k
         if top == 0 and not callback.save_last:
             continue
+        path = Path(callback.dirpath).absolute()
+        folder = folders.setdefault(path, Folder(path))
         folder.size = max(folder.size, weights if callback.save_weights_only else full)
         folder.full |= not callback.save_weights_only
         folder.unbounded |= top < 0
